@@ -1,0 +1,149 @@
+"""One optimisation step, built once per run in the fastest mode the device supports.
+
+Modes (chosen in the config, see `pick_modes`):
+  eager       plain PyTorch;
+  compile     `torch.compile` of the forward pass and loss (AOTAutograd compiles the backward too);
+  cuda_graph  the whole step (batch gather, noise, forward, backward, Adam) captured once as a CUDA graph and
+              replayed: one launch per step instead of about a hundred, which is what bounds this tiny model on
+              a GPU.
+Random numbers are always drawn from explicit generators outside the compiled region, so eager and compiled
+runs see the same noise and learn the same thing.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import torch
+
+from vae.gumbel import gumbel_softmax, sample_gumbel
+from vae.loss import negative_elbo
+
+log = logging.getLogger(__name__)
+
+
+def batch_loss(model, x: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor, hard: bool):
+    """Batch means of (loss, bce, kl) for relaxed samples drawn with the given Gumbel noise."""
+    logits = model.encode(x)
+    z = gumbel_softmax(logits, tau, hard=hard, noise=noise)
+    loss, bce, kl = negative_elbo(model.decode(z), x, logits, model.log_prior())
+    return loss.mean(), bce.mean(), kl.mean()
+
+
+def pick_modes(device: torch.device, compile: Optional[bool], cuda_graph: Optional[bool]):
+    """Resolve `null` (auto) and refuse, with a warning rather than a crash, what the device cannot do."""
+    on_cuda = device.type == "cuda"
+    # Auto: compile on CUDA, where launch overhead dominates; on a CPU the compile time (tens of seconds on two
+    # cores) is not repaid by a default-length run. CUDA graphs stay opt-in (see the README's speed section).
+    compile = on_cuda if compile is None else compile
+    cuda_graph = False if cuda_graph is None else cuda_graph
+    if cuda_graph and not on_cuda:
+        log.warning("cuda_graph=true needs a CUDA device; running on %s without it", device)
+        cuda_graph = False
+    if compile:
+        try:
+            import torch._dynamo  # noqa: F401  (absent in some minimal builds)
+        except Exception as e:  # pragma: no cover
+            log.warning("compile=true is not available here (%s); running eagerly", e)
+            compile = False
+    return compile, cuda_graph
+
+
+def make_optimizer(model, lr: float, device: torch.device, cuda_graph: bool):
+    kwargs = {}
+    if device.type == "cuda":
+        # Fused Adam: one kernel for all parameters; capturable keeps its step counter on the device so a
+        # captured graph can advance it.
+        kwargs = dict(fused=True, capturable=cuda_graph)
+    return torch.optim.Adam(model.parameters(), lr=lr, **kwargs)
+
+
+class TrainStep:
+    """`step(idx, tau) -> tensor([loss, bce, kl])` (batch means, on the device, no host sync)."""
+
+    def __init__(self, model, optimizer, split, *, batch_size: int, hard: bool, noise_generator,
+                 binarize_generator, compile: bool = False, cuda_graph: bool = False):
+        self.model, self.optimizer, self.split = model, optimizer, split
+        self.hard = hard
+        self.noise_generator, self.binarize_generator = noise_generator, binarize_generator
+        self.noise_shape = (batch_size, model.latent_dim, model.categorical_dim)
+        self.loss_fn = torch.compile(batch_loss, dynamic=False) if compile else batch_loss
+        self.graph = None
+        if cuda_graph:
+            self._capture(batch_size)
+
+    def _body(self, idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        x = self.split.batch(idx, self.binarize_generator)
+        noise = sample_gumbel(self.noise_shape, generator=self.noise_generator, device=x.device)
+        loss, bce, kl = self.loss_fn(self.model, x, noise, tau, self.hard)
+        loss.backward()
+        self.optimizer.step()
+        return torch.stack((loss, bce, kl)).detach()
+
+    def __call__(self, idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            self.static_idx.copy_(idx)
+            self.static_tau.copy_(tau)
+            self.graph.replay()
+            return self.static_stats.clone()
+        self.optimizer.zero_grad(set_to_none=True)
+        return self._body(idx, tau)
+
+    def _capture(self, batch_size: int) -> None:
+        """Whole-step capture, following PyTorch's recipe: warm up on a side stream, then capture.
+
+        Warm-up steps really update the weights and Adam's moments, so they are undone afterwards (in place:
+        the graph has recorded these tensors' addresses). The trainer loads the initial or resumed state after
+        this, also in place. The generators are registered with the graph so each replay draws fresh noise.
+        """
+        device = self.split.device
+        self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.static_tau = torch.ones((), device=device)
+        params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        gen_states = [g.get_state() for g in (self.noise_generator, self.binarize_generator) if g is not None]
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.optimizer.zero_grad(set_to_none=True)
+                self._body(self.static_idx, self.static_tau)
+        torch.cuda.current_stream(device).wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        for g in (self.noise_generator, self.binarize_generator):
+            if g is not None:
+                self.graph.register_generator_state(g)
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.cuda.graph(self.graph):
+            self.static_stats = self._body(self.static_idx, self.static_tau)
+        with torch.no_grad():
+            for k, v in self.model.state_dict().items():
+                v.copy_(params[k])
+        reset_optimizer_state_(self.optimizer)
+        for g, s in zip([g for g in (self.noise_generator, self.binarize_generator) if g is not None], gen_states):
+            g.set_state(s)
+
+
+def reset_optimizer_state_(optimizer) -> None:
+    """Zero Adam's moments and step counters in place (a fresh optimizer, at the same addresses)."""
+    with torch.no_grad():
+        for state in optimizer.state.values():
+            for v in state.values():
+                if torch.is_tensor(v):
+                    v.zero_()
+
+
+def load_optimizer_state_(optimizer, saved: dict) -> None:
+    """Load a saved optimizer state. With a captured graph the state tensors must keep their addresses, so when
+    they already exist the values are copied in place; otherwise the ordinary `load_state_dict` is used."""
+    if not optimizer.state:
+        optimizer.load_state_dict(saved)
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    with torch.no_grad():
+        for i, p in enumerate(params):
+            for k, v in saved["state"].get(i, {}).items():
+                target = optimizer.state[p][k]
+                if torch.is_tensor(target):
+                    target.copy_(v)
+                else:
+                    optimizer.state[p][k] = v

@@ -1,0 +1,218 @@
+"""Score a trained checkpoint on the test set, in nats per image.
+
+    python -m vae.evaluate checkpoint=outputs/<date>/<time>/checkpoints/best.pt
+    python -m vae.evaluate checkpoint=.../last.pt iw_samples=5000 device=cuda seed=1
+
+Reports the relaxed -ELBO at the checkpoint's temperature (what training optimised), the discrete -ELBO
+(one-hot z ~ q(z|x), analytic KL) and the k-sample importance-weighted bound (Burda et al. 2016; k = 1000 as
+in Jang et al. 2017). Writes, beside the checkpoint: <stem>.metrics.json, <stem>.prior_samples.png and
+<stem>.reconstructions.png. Settings: configs/evaluate.yaml (schema `EvaluateConfig` below).
+
+Hydra writes nothing of its own here (`hydra.output_subdir: null`, `hydra.run.dir: .`, no log file): every
+output belongs to a checkpoint and goes beside it, so evaluating twice never litters `outputs/`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Optional
+
+import hydra
+import torch
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from torchvision.utils import save_image
+from tqdm import tqdm
+
+from vae import metrics
+from vae.checkpoint import load_checkpoint
+from vae.config import CONFIG_DIR, DataConfig, check_writable, resolve_device
+from vae.device_data import DeviceSplit, make_splits
+from vae.errors import UserError, exit_with
+from vae.gumbel import sample_categorical
+from vae.model import CategoricalVAE
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: Optional[str] = None
+    iw_samples: int = 1000
+    iw_chunk: int = 100
+    batch_size: int = 1000
+    seed: int = 0
+    device: str = "auto"
+    recon_images: int = 8
+    prior_samples: int = 64
+    prior_nrow: int = 8
+    data_root: Optional[str] = None
+
+
+ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
+
+
+def validate(cfg: DictConfig) -> None:
+    """Range checks, one readable line each, before any file is read."""
+    if not cfg.checkpoint:
+        raise UserError("checkpoint is required: python -m vae.evaluate "
+                        "checkpoint=outputs/<date>/<time>/checkpoints/best.pt")
+    for key, minimum, meaning in (("iw_samples", 1, "k of the importance-weighted bound"),
+                                  ("iw_chunk", 1, "importance samples evaluated at once"),
+                                  ("batch_size", 1, "test images per batch"),
+                                  ("recon_images", 1, "test digits shown with their reconstructions"),
+                                  ("prior_samples", 1, "decoded prior samples"),
+                                  ("prior_nrow", 1, "images per row of the prior-sample grid")):
+        if cfg[key] < minimum:
+            raise UserError(f"{key}={cfg[key]!r} is not allowed: must be an integer >= {minimum} ({meaning}); "
+                            f"set it on the command line, e.g. {key}={max(minimum, EvaluateConfig.__dict__[key])}")
+
+
+def build_model(ckpt: Dict[str, Any], path: Path) -> CategoricalVAE:
+    c = ckpt["config"]
+    try:
+        model = CategoricalVAE(c["latent_dim"], c["categorical_dim"], c.get("prior", "uniform"))
+        model.load_state_dict(ckpt["model"])
+    except (KeyError, TypeError, RuntimeError) as e:
+        raise UserError(f"checkpoint={str(path)!r}: its weights do not fit the model its config describes "
+                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+    return model
+
+
+def data_config(ckpt: Dict[str, Any], path: Path, data_root: Optional[str]) -> DictConfig:
+    """The checkpoint's own data settings (the test set must be the one the run was scored on), on top of
+    the schema so that settings added since the checkpoint was written take their defaults."""
+    try:
+        data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), ckpt["config"]["data"])
+    except (KeyError, TypeError, OmegaConfBaseException) as e:
+        raise UserError(f"checkpoint={str(path)!r} has data settings this version cannot read "
+                        f"({str(e).splitlines()[0][:160]})") from e
+    if data_root is not None:
+        data_cfg.root = data_root
+    return data_cfg
+
+
+def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
+    """The test split as the model should be scored on it: one fixed binary draw for static and dynamic."""
+    from vae.data import load_split  # imported here so `--help` and config errors don't need the data module
+
+    test_images, _ = load_split(data_cfg, "test")
+    if data_cfg.binarize == "static":
+        # The same draw as in training: make_splits draws train, then test, from one seeded generator.
+        train_images, _ = load_split(data_cfg, "train")
+        _, test = make_splits(train_images, test_images, device, "static", data_cfg.binarize_seed)
+        return test
+    if data_cfg.binarize == "dynamic":
+        # All three metrics must score the same binary images, and checkpoints of different runs the same
+        # ones too, so draw once, seeded by the dataset's binarize_seed. A {0, 255} uint8 image read as
+        # grayscale ("none") is exactly 0.0 / 1.0.
+        gen = torch.Generator().manual_seed(data_cfg.binarize_seed)
+        binary = torch.bernoulli(test_images.float().div_(255), generator=gen).mul_(255).to(torch.uint8)
+        return DeviceSplit(binary, device, "none")
+    return DeviceSplit(test_images, device, data_cfg.binarize)
+
+
+def _atomic(path: Path, write) -> None:
+    """write(tmp_path) then rename: an interrupted evaluation never leaves half a file under the final name."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@torch.no_grad()
+def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, generator: torch.Generator,
+                prefix: Path) -> Dict[str, str]:
+    """Prior samples (Bernoulli means, i.e. sigmoid of the logits) and test digits above their
+    reconstructions, both decoded from one-hot codes: the discrete model the test bounds score."""
+    log_prior = model.log_prior()
+    z = sample_categorical(log_prior.expand(cfg.prior_samples, *log_prior.shape), generator=generator)
+    prior = torch.sigmoid(model.decode(z)).view(-1, 1, 28, 28).cpu()
+
+    n = min(cfg.recon_images, test.n)
+    x = test.batch(torch.arange(n, device=test.device))
+    z = sample_categorical(model.encode(x), generator=generator)
+    recon = torch.sigmoid(model.decode(z))
+    pairs = torch.cat([x, recon]).view(-1, 1, 28, 28).cpu()
+
+    paths = {"prior_samples": prefix.with_name(prefix.name + ".prior_samples.png"),
+             "reconstructions": prefix.with_name(prefix.name + ".reconstructions.png")}
+    _atomic(paths["prior_samples"], lambda p: save_image(prior, p, nrow=cfg.prior_nrow, format="png"))
+    _atomic(paths["reconstructions"], lambda p: save_image(pairs, p, nrow=n, format="png"))
+    return {k: str(v) for k, v in paths.items()}
+
+
+def format_table(result: Dict[str, Any]) -> str:
+    m = result["metrics"]
+    rows = [(f"relaxed -ELBO (tau={result['tau']:.3g}{', hard' if result['hard'] else ''})", m["loss"]),
+            ("  reconstruction (BCE)", m["bce"]),
+            ("  KL(q || p)", m["kl"]),
+            ("discrete -ELBO", m["elbo_discrete"]),
+            (f"IW bound, k={result['k']}", m["iw_bound"])]
+    width = max(len(name) for name, _ in rows)
+    lines = [f"{result['checkpoint']}  (epoch {result['epoch']}, step {result['step']}; "
+             f"{result['n_images']} test images on {result['device']}, {result['seconds']:.1f} s)",
+             f"{'test, nats per image':<{width}}  {'value':>9}"]
+    lines += [f"{name:<{width}}  {value:9.3f}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def evaluate(cfg: DictConfig) -> Dict[str, Any]:
+    validate(cfg)
+    device = resolve_device(cfg.device)
+    path = Path(cfg.checkpoint).expanduser()
+    ckpt = load_checkpoint(path, key="checkpoint")
+    # Fail before minutes of computation, not after, if the results cannot be written.
+    check_writable(path.parent, "checkpoint")
+    model = build_model(ckpt, path).to(device)
+    test = load_test_split(data_config(ckpt, path, cfg.data_root), device)
+    tau, hard = float(ckpt["tau"]), bool(ckpt["config"].get("hard", False))
+
+    # One fresh generator per metric: changing k (or the image settings) leaves every other number unchanged.
+    def generator() -> torch.Generator:
+        return torch.Generator(device=device).manual_seed(cfg.seed)
+
+    start = time.perf_counter()
+    result_metrics = metrics.evaluate_split(model, test, tau=tau, hard=hard, generator=generator(),
+                                            batch_size=cfg.batch_size)
+    with tqdm(total=test.n, desc=f"IW bound k={cfg.iw_samples}", unit="img", disable=None,
+              dynamic_ncols=True) as bar:
+        result_metrics["iw_bound"] = metrics.iw_bound(model, test, k=cfg.iw_samples, chunk=cfg.iw_chunk,
+                                                      batch_size=cfg.batch_size, generator=generator(),
+                                                      progress=bar.update)
+    seconds = time.perf_counter() - start
+
+    prefix = path.with_name(path.stem)
+    result = {
+        "checkpoint": str(path), "epoch": ckpt["epoch"], "step": ckpt["step"], "tau": tau, "hard": hard,
+        "k": cfg.iw_samples, "iw_chunk": cfg.iw_chunk, "batch_size": cfg.batch_size, "seed": cfg.seed,
+        "n_images": test.n, "device": str(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "seconds": seconds, "metrics": result_metrics,
+    }
+    result["images"] = save_images(model, test, cfg, generator(), prefix)
+    metrics_path = prefix.with_name(prefix.name + ".metrics.json")
+    _atomic(metrics_path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    print(format_table(result))
+    print(f"wrote {metrics_path}")
+    if not all(math.isfinite(v) for v in result_metrics.values()):
+        raise UserError(f"checkpoint={str(path)!r} gives non-finite test metrics {result_metrics}; "
+                        "its weights have diverged: evaluate an earlier checkpoint (e.g. best.pt)")
+    return result
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    try:
+        evaluate(cfg)
+    except UserError as e:
+        exit_with(e)
+
+
+if __name__ == "__main__":
+    main()
