@@ -115,6 +115,8 @@ def train(cfg: DictConfig) -> float:
             v.copy_(resumed["model"][k] if resumed else initial_weights[k])
     if resumed:
         load_optimizer_state_(optimizer, resumed["optimizer"])
+        for group in optimizer.param_groups:  # the saved state carries the old lr; `resume=... lr=...` changes it
+            group["lr"] = cfg.lr
         epoch, epoch_step, step = resumed["epoch"], resumed["epoch_step"], resumed["step"]
         best = resumed["best_test_loss"]
         for name, g in gens.items():
@@ -129,7 +131,9 @@ def train(cfg: DictConfig) -> float:
     prior_noise = sample_gumbel((cfg.prior_samples, cfg.latent_dim, cfg.categorical_dim),
                                 generator=torch.Generator(device=device).manual_seed(cfg.seed), device=device)
 
-    writer = SummaryWriter(log_dir=str(run_dir), purge_step=step if resumed else None)
+    # Events a killed run wrote after its checkpoint (steps > step) are hidden by TensorBoard, so the resumed run's
+    # scalars continue without duplicated steps.
+    writer = SummaryWriter(log_dir=str(run_dir), purge_step=step + 1 if resumed else None)
     stop = StopFlag()
     tau = tau_for(cfg, step)
     tau_t = torch.tensor(tau, device=device)
@@ -142,7 +146,7 @@ def train(cfg: DictConfig) -> float:
             "format": ckpt_io.FORMAT, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
             "epoch": epoch, "epoch_step": epoch_step, "step": step, "tau": tau, "test_loss": test_loss,
             "best_test_loss": best, "rng": rng, "epoch_sums": epoch_sums.cpu(), "interval_sums": interval_sums.cpu(),
-            "config": OmegaConf.to_container(cfg, resolve=True), "torch_version": torch.__version__,
+            "config": OmegaConf.to_container(cfg, resolve=True), "torch_version": str(torch.__version__),
         }, ckpt_dir / name)
 
     def test_pass() -> dict:

@@ -1,0 +1,90 @@
+"""End-to-end runs of train.py in a subprocess on tiny generated data."""
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import run_train, tiny_overrides
+
+SCALARS = {"train/loss", "train/bce", "train/kl", "train/temperature", "test/loss", "test/elbo_discrete"}
+IMAGES = {"test/reconstructions", "samples/prior"}
+
+
+def events(run_dir):
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    ea.Reload()
+    return ea
+
+
+def scalar_steps(run_dir, tag):
+    return [e.step for e in events(run_dir).Scalars(tag)]
+
+
+@pytest.fixture(scope="module")
+def hard_run(tiny_data, tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("hard") / "run"
+    proc = run_train(tiny_overrides(tiny_data, run_dir, "hard=true", "temperature=1.0", "epochs=2"))
+    assert proc.returncode == 0, proc.stderr
+    return run_dir, proc
+
+
+def test_run_writes_tensorboard_checkpoints_and_metrics(hard_run):
+    run_dir, proc = hard_run
+    ea = events(run_dir)
+    assert SCALARS <= set(ea.Tags()["scalars"])
+    assert IMAGES <= set(ea.Tags()["images"])
+    assert len(ea.Scalars("test/loss")) == 2                        # one per epoch
+    assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]  # 6 steps/epoch, log_interval=2
+    grid = ea.Images("samples/prior")[-1]
+    assert grid.width > 8 * 28 and grid.height > 8 * 28             # 64 samples in an 8x8 grid
+    assert "_hparams_/experiment" in ea.PluginTagToContent("hparams")
+    test_losses = [e.value for e in ea.Scalars("test/loss")]
+    for name in ("last.pt", "best.pt"):
+        ckpt = torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=True)
+        assert ckpt["config"]["hard"] is True and ckpt["config"]["temperature"] == 1.0
+        assert {"shuffle", "noise", "eval"} <= set(ckpt["rng"])
+        if name == "last.pt":
+            assert ckpt["step"] == 12 and ckpt["epoch"] == 2
+        else:  # the epoch with the lowest test loss
+            assert ckpt["epoch"] == 1 + test_losses.index(min(test_losses))
+            assert ckpt["test_loss"] == pytest.approx(min(test_losses))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert math.isfinite(metrics["test_loss"]) and "hard=true" in metrics["overrides"]
+    assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
+    assert "epoch 2/2" in (run_dir / "train.log").read_text()
+
+
+def test_tau_follows_the_global_step_across_epochs(tiny_data, tmp_path):
+    # anneal every 2 steps at a visible rate; the logged temperature must keep falling into epoch 2
+    run_dir = tmp_path / "run"
+    proc = run_train(tiny_overrides(tiny_data, run_dir, "epochs=2", "anneal_rate=0.05", "anneal_interval=2",
+                                    "temp_min=0.1"))
+    assert proc.returncode == 0, proc.stderr
+    taus = [(e.step, e.value) for e in events(run_dir).Scalars("train/temperature")]
+    for step, value in taus:
+        # logged after `step` steps, during which the last update was at step - 1 rounded down to the interval
+        t = (step - 1) - (step - 1) % 2
+        assert value == pytest.approx(max(0.1, math.exp(-0.05 * t)), rel=1e-6)
+    assert taus[-1][1] < taus[2][1] < taus[0][1]
+
+
+def test_resume_continues_from_the_saved_step(hard_run, tmp_path):
+    run_dir, _ = hard_run
+    # copy the finished 2-epoch run and extend it to 3 epochs
+    import shutil
+
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    proc = run_train([f"resume={copy / 'checkpoints' / 'last.pt'}", "epochs=3", f"hydra.run.dir={tmp_path / 'r2'}"])
+    assert proc.returncode == 0, proc.stderr
+    assert "resumed" in proc.stdout + proc.stderr
+    ckpt = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["step"] == 18 and ckpt["epoch"] == 3
+    assert ckpt["config"]["hard"] is True            # the run's own settings, not the defaults
+    steps = scalar_steps(copy, "train/loss")
+    assert steps == sorted(set(steps)) == list(range(2, 19, 2))    # no duplicated or missing steps
+    assert scalar_steps(copy, "test/loss") == [6, 12, 18]
