@@ -26,7 +26,6 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
-from torchvision.utils import save_image
 from tqdm import tqdm
 
 from vae import metrics
@@ -68,7 +67,9 @@ def validate(cfg: DictConfig) -> None:
                                   ("prior_nrow", 1, "images per row of the prior-sample grid")):
         if cfg[key] < minimum:
             raise UserError(f"{key}={cfg[key]!r} is not allowed: must be an integer >= {minimum} ({meaning}); "
-                            f"set it on the command line, e.g. {key}={max(minimum, EvaluateConfig.__dict__[key])}")
+                            f"set it on the command line, e.g. {key}={getattr(EvaluateConfig, key)}")
+    if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
+        raise UserError(f"device={cfg.device!r} is not allowed: auto, cpu, cuda or cuda:N")
 
 
 def build_model(ckpt: Dict[str, Any], path: Path) -> CategoricalVAE:
@@ -130,6 +131,8 @@ def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, gener
                 prefix: Path) -> Dict[str, str]:
     """Prior samples (Bernoulli means, i.e. sigmoid of the logits) and test digits above their
     reconstructions, both decoded from one-hot codes: the discrete model the test bounds score."""
+    from torchvision.utils import save_image  # torchvision takes seconds to import: not on the error paths
+
     log_prior = model.log_prior()
     z = sample_categorical(log_prior.expand(cfg.prior_samples, *log_prior.shape), generator=generator)
     prior = torch.sigmoid(model.decode(z)).view(-1, 1, 28, 28).cpu()
@@ -186,10 +189,13 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
                                                       batch_size=cfg.batch_size, generator=generator(),
                                                       progress=bar.update)
     seconds = time.perf_counter() - start
+    if not all(math.isfinite(v) for v in result_metrics.values()):
+        raise UserError(f"checkpoint={str(path)!r} gives non-finite test metrics {result_metrics}; "
+                        "its weights have diverged: evaluate an earlier checkpoint (e.g. best.pt)")
 
     prefix = path.with_name(path.stem)
     result = {
-        "checkpoint": str(path), "epoch": ckpt["epoch"], "step": ckpt["step"], "tau": tau, "hard": hard,
+        "checkpoint": str(path), "epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]), "tau": tau, "hard": hard,
         "k": cfg.iw_samples, "iw_chunk": cfg.iw_chunk, "batch_size": cfg.batch_size, "seed": cfg.seed,
         "n_images": test.n, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
@@ -200,9 +206,6 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     _atomic(metrics_path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
     print(format_table(result))
     print(f"wrote {metrics_path}")
-    if not all(math.isfinite(v) for v in result_metrics.values()):
-        raise UserError(f"checkpoint={str(path)!r} gives non-finite test metrics {result_metrics}; "
-                        "its weights have diverged: evaluate an earlier checkpoint (e.g. best.pt)")
     return result
 
 

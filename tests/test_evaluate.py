@@ -1,0 +1,144 @@
+"""`python -m vae.evaluate`: end to end on a tiny checkpoint and dataset, the test set it scores, its errors."""
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from omegaconf import OmegaConf
+from PIL import Image
+
+from idx import make_tiny_dataset
+from vae import metrics
+from vae.checkpoint import FORMAT
+from vae.config import REPO_DIR, Config
+from vae.data import load_split
+from vae.device_data import make_splits
+from vae.errors import UserError
+from vae.evaluate import EvaluateConfig, evaluate, load_test_split
+from vae.model import CategoricalVAE
+
+N_TRAIN, N_TEST = 40, 12
+
+
+def write_checkpoint(tmp_path: Path, binarize="static", **config) -> Path:
+    """A checkpoint shaped like train.py's: the full resolved Config as a plain dict, an untrained model."""
+    root = tmp_path / "data"
+    make_tiny_dataset(root, n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    cfg = OmegaConf.merge(OmegaConf.structured(Config), {
+        "latent_dim": 3, "categorical_dim": 4, "hard": True, **config,
+        "data": {"root": str(root), "download": False, "sources": ["local"], "verify": False,
+                 "binarize": binarize, "binarize_seed": 5}})
+    torch.manual_seed(0)
+    model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim, cfg.prior)
+    ckpt = {"format": FORMAT, "model": model.state_dict(),
+            "optimizer": torch.optim.Adam(model.parameters()).state_dict(),
+            "epoch": 3, "epoch_step": 0, "step": 30, "tau": 0.8, "rng": {},
+            "config": OmegaConf.to_container(cfg, resolve=True)}
+    path = tmp_path / "run" / "checkpoints" / "best.pt"
+    path.parent.mkdir(parents=True)
+    torch.save(ckpt, path)
+    return path
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(REPO_DIR)}
+    return subprocess.run([sys.executable, "-m", "vae.evaluate", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_command_end_to_end(tmp_path):
+    ckpt = write_checkpoint(tmp_path)
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    proc = run_cli(f"checkpoint={ckpt}", "iw_samples=10", "iw_chunk=3", "batch_size=5", "device=cpu", cwd=cwd)
+    assert proc.returncode == 0, proc.stderr
+    assert "IW bound, k=10" in proc.stdout and "discrete -ELBO" in proc.stdout
+
+    result = json.loads((ckpt.parent / "best.metrics.json").read_text())
+    assert (result["k"], result["epoch"], result["step"], result["tau"], result["hard"]) == (10, 3, 30, 0.8, True)
+    assert result["n_images"] == N_TEST and result["device"] == "cpu" and result["seconds"] > 0
+    m = result["metrics"]
+    assert set(m) == {"loss", "bce", "kl", "elbo_discrete", "iw_bound"}
+    assert all(math.isfinite(v) and v > 0 for v in m.values()), m
+    assert m["loss"] == pytest.approx(m["bce"] + m["kl"], rel=1e-6)
+    # E[IW bound] <= discrete -ELBO; with k=10 on 12 images the estimate's noise is far below 1 nat.
+    assert m["iw_bound"] <= m["elbo_discrete"] + 1.0
+
+    # The numbers are those of the metrics on the training run's own static test draw (train, then test, from
+    # one generator seeded with binarize_seed), each metric from a fresh generator seeded with `seed`.
+    data_cfg = OmegaConf.create(torch.load(ckpt, weights_only=True)["config"]["data"])
+    _, test = make_splits(load_split(data_cfg, "train")[0], load_split(data_cfg, "test")[0], "cpu", "static", 5)
+    model = CategoricalVAE(3, 4)
+    model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
+    want = metrics.evaluate_split(model, test, tau=0.8, hard=True, generator=torch.Generator().manual_seed(0),
+                                  batch_size=5)
+    want["iw_bound"] = metrics.iw_bound(model, test, k=10, chunk=3, batch_size=5,
+                                        generator=torch.Generator().manual_seed(0))
+    for name, value in want.items():
+        assert m[name] == pytest.approx(value, rel=1e-6), name
+
+    with Image.open(ckpt.parent / "best.prior_samples.png") as im:
+        assert im.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 digits of 28 px, 8 per row, 2 px padding
+    with Image.open(ckpt.parent / "best.reconstructions.png") as im:
+        assert im.size == (8 * 30 + 2, 2 * 30 + 2)  # 8 originals above 8 reconstructions
+    assert list(cwd.iterdir()) == [], "evaluation wrote into the working directory"
+    assert not list(ckpt.parent.glob("*.tmp-*"))
+
+
+def test_missing_checkpoint_exits_2_with_one_line(tmp_path):
+    proc = run_cli(f"checkpoint={tmp_path / 'nope.pt'}", cwd=tmp_path)
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: checkpoint=") and "no such file" in lines[0], lines
+    assert list(tmp_path.iterdir()) == []
+
+
+def eval_cfg(**overrides):
+    return OmegaConf.merge(OmegaConf.structured(EvaluateConfig), {"device": "cpu", **overrides})
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"checkpoint": None}, "checkpoint is required"),
+    ({"iw_samples": 0}, "iw_samples=0"),
+    ({"iw_chunk": -1}, "iw_chunk=-1"),
+    ({"device": "gpu"}, "device='gpu'"),
+])
+def test_bad_settings_are_user_errors(tmp_path, overrides, message):
+    """Checked before the checkpoint is even opened (it does not exist here)."""
+    with pytest.raises(UserError, match=message):
+        evaluate(eval_cfg(**{"checkpoint": str(tmp_path / "unread.pt"), **overrides}))
+
+
+def test_corrupt_checkpoint_and_wrong_architecture_are_user_errors(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(UserError, match="bad.pt"):
+        evaluate(eval_cfg(checkpoint=str(bad)))
+    ckpt = write_checkpoint(tmp_path)
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["latent_dim"] = 5  # the weights are for 3 variables
+    torch.save(state, ckpt)
+    with pytest.raises(UserError, match="do not fit"):
+        evaluate(eval_cfg(checkpoint=str(ckpt)))
+
+
+@pytest.mark.parametrize("binarize", ["none", "dynamic", "static"])
+def test_test_split_follows_the_checkpoints_binarization(tmp_path, binarize):
+    ckpt = write_checkpoint(tmp_path, binarize=binarize)
+    data_cfg = OmegaConf.create(torch.load(ckpt, weights_only=True)["config"]["data"])
+    split = load_test_split(data_cfg, torch.device("cpu"))
+    x = torch.cat(list(split.batches(5)))
+    raw = load_split(data_cfg, "test")[0].view(N_TEST, -1).float() / 255
+    if binarize == "none":
+        torch.testing.assert_close(x, raw)
+        return
+    assert set(x.unique().tolist()) <= {0.0, 1.0}
+    # One fixed draw: scoring the split twice (or with every metric) sees the same binary images.
+    torch.testing.assert_close(torch.cat(list(split.batches(5, torch.Generator().manual_seed(9)))), x)
+    assert torch.equal(torch.cat(list(load_test_split(data_cfg, torch.device("cpu")).batches(5))), x)
+    # ... and a draw of these images: black pixels stay 0, white ones 1.
+    assert torch.all(x[raw == 0] == 0) and torch.all(x[raw == 1] == 1)
