@@ -66,13 +66,14 @@ def make_generators(seed: int, device: torch.device) -> dict:
 
 def train(cfg: DictConfig) -> float:
     hydra_cfg = HydraConfig.get()
-    validate(cfg)
+    stop = StopFlag()
+    validate(cfg, check_resume=False)  # again: in a multirun, each job's values are only known here
     resumed = None
     run_dir = Path(hydra_cfg.runtime.output_dir)
     if cfg.resume is not None:
         resumed = ckpt_io.load_checkpoint(cfg.resume, key="resume")
         cfg = ckpt_io.resume_config(cfg, resumed, hydra_cfg.overrides.task)
-        validate(cfg)
+        validate(cfg, check_resume=False)
         # A resumed run continues in its own directory, so TensorBoard shows one unbroken run.
         run_dir = Path(cfg.resume).expanduser().resolve().parent.parent
     ckpt_dir = run_dir / "checkpoints"
@@ -134,7 +135,6 @@ def train(cfg: DictConfig) -> float:
     # Events a killed run wrote after its checkpoint (steps > step) are hidden by TensorBoard, so the resumed run's
     # scalars continue without duplicated steps.
     writer = SummaryWriter(log_dir=str(run_dir), purge_step=step + 1 if resumed else None)
-    stop = StopFlag()
     tau = tau_for(cfg, step)
     tau_t = torch.tensor(tau, device=device)
     check_every = 1 if device.type == "cpu" else cfg.log_interval  # a sync per step is free on a CPU only
@@ -162,7 +162,7 @@ def train(cfg: DictConfig) -> float:
             writer.add_image("samples/prior", image_grid(torch.sigmoid(model.decode(codes))), step)
 
     def stop_for_signal() -> None:
-        save("last.pt", float("nan") if not resumed else resumed.get("test_loss", float("nan")))
+        save("last.pt", test["loss"] if test else resumed["test_loss"] if resumed else math.nan)
         writer.flush()
         writer.close()
         name = signal.Signals(stop.signum).name
@@ -239,6 +239,8 @@ def train(cfg: DictConfig) -> float:
             if stop.signum is not None:
                 stop_for_signal()
 
+    if stop.signum is not None:  # a signal during the last epoch's test pass or before training began
+        stop_for_signal()
     if test is None:  # nothing left to train (epochs=0, or resuming a finished run): report the model as it is
         test = test_pass()
     results = {"test_loss": test["loss"], "test_elbo_discrete": test["elbo_discrete"], "epochs": epoch,

