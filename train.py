@@ -20,6 +20,7 @@ from pathlib import Path
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
@@ -30,7 +31,7 @@ from vae import metrics
 from vae.config import resolve_device, validate
 from vae.data import load_split
 from vae.device_data import make_splits
-from vae.engine import TrainStep, load_optimizer_state_, make_optimizer, pick_modes
+from vae.engine import TrainStep, configure_device, load_optimizer_state_, make_optimizer, pick_modes
 from vae.errors import TrainingDiverged, UserError, exit_with
 from vae.gumbel import one_hot_argmax, sample_gumbel
 from vae.model import CategoricalVAE
@@ -82,9 +83,9 @@ def train(cfg: DictConfig) -> float:
 
     device = resolve_device(cfg.device)
     compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = cfg.tf32
-        torch.backends.cudnn.allow_tf32 = cfg.tf32
+    configure_device(device, cfg.tf32)
+    if cfg.device == "auto" and device.type == "cpu":
+        log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
     log.info("run directory %s | device %s | compile=%s cuda_graph=%s", run_dir, device, compile_mode, graph_mode)
 
     # -- data: each split held once on the device as uint8 ---------------------------------------------------
@@ -266,6 +267,11 @@ def main(cfg: DictConfig) -> float:
     try:
         return train(cfg)
     except UserError as e:
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            # In a sweep, one bad job must not end the others: Hydra's launcher records the failure and a sweeper
+            # such as Optuna marks the trial failed and goes on.
+            log.error("error: %s", e)
+            raise
         exit_with(e)
 
 

@@ -27,9 +27,16 @@ def tiny_overrides(data_root: Path, run_dir: Path, *extra: str) -> list:
             "log_interval=2", "eval.batch_size=50", *extra]
 
 
-def run_script(args, timeout=240, env_extra=None, script="train.py") -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env_extra or {})}
+def subprocess_env(**extra) -> dict:
+    # One thread: the tiny models here gain nothing from a second one, and OpenMP threads that spin against
+    # other processes on a 2-core machine make every step many times slower.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", **extra}
     env.pop("HYDRA_FULL_ERROR", None)
+    return env
+
+
+def run_script(args, timeout=240, env_extra=None, script="train.py") -> subprocess.CompletedProcess:
+    env = subprocess_env(**(env_extra or {}))
     cmd = [sys.executable, script, *args] if script.endswith(".py") else [sys.executable, "-m", script, *args]
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_train, tiny_overrides
+from conftest import REPO, run_train, subprocess_env, tiny_overrides
 from idx import make_tiny_dataset
 from vae import checkpoint as ckpt_io
 from vae.errors import UserError
@@ -32,8 +32,7 @@ def long_overrides(data_root, run_dir, *extra):
 
 def interrupt_during(args, wait_for: str, sig, delay: float = 0.4) -> subprocess.CompletedProcess:
     """Start train.py, wait for a line containing `wait_for`, let it run `delay` s more, then send `sig`."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=env, text=True,
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=subprocess_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = []
     for line in proc.stdout:

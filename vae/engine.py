@@ -49,6 +49,14 @@ def pick_modes(device: torch.device, compile: Optional[bool], cuda_graph: Option
     return compile, cuda_graph
 
 
+def configure_device(device: torch.device, tf32: bool) -> None:
+    """Process-wide math settings. (Kept out of train.py: launchers that pickle its functions by value cannot pickle
+    the `torch.backends.cudnn` module object those functions would then reference.)"""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+
+
 def make_optimizer(model, lr: float, device: torch.device, cuda_graph: bool):
     kwargs = {}
     if device.type == "cuda":

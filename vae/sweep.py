@@ -1,0 +1,240 @@
+"""One table for a whole sweep: each job's overrides next to its final test loss and discrete ELBO.
+
+`python train.py -m ...` ends with Hydra calling `SweepSummary.on_multirun_end` (registered in configs/config.yaml),
+which prints the table and writes `summary.csv` and `summary.md` into the sweep directory. It reads the
+`metrics.json` that every job writes into its own directory rather than the jobs' return values, so it works the
+same for every launcher (basic, joblib, submitit) and sweeper (Optuna), and for jobs that ran on other machines.
+Jobs without a metrics.json (failed, killed, or still queued on a cluster) are listed as `missing`. For such a
+sweep, summarise again once its jobs are done:
+
+    python -m vae.sweep outputs/multirun/<date>/<time>
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import logging
+import math
+import re
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger(__name__)
+
+METRICS = ("test_loss", "test_elbo_discrete", "test_iw_bound")  # test_iw_bound only when eval.iw_samples > 0
+RUN_FACTS = ("epochs", "step", "tau")
+
+
+@dataclass
+class Job:
+    num: Optional[int]
+    dir: Path
+    overrides: List[str]
+    metrics: Optional[dict]  # None: the job wrote no metrics.json
+    params: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def status(self) -> str:
+        return "done" if self.metrics is not None else "missing"
+
+    @property
+    def loss(self) -> float:
+        value = (self.metrics or {}).get("test_loss")
+        return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+
+
+def _split(override: str) -> tuple:
+    """`lr=0.001` -> ("lr", "0.001"); `+x=1` keeps its `+`; a deletion `~x` has no value."""
+    key, sep, value = override.partition("=")
+    return key, value if sep else ""
+
+
+def _job_number(job_dir: Path, sweep_dir: Path) -> Optional[int]:
+    # Hydra's own record first; the `<num>_...` directory name (our hydra.sweep.subdir) as a fallback.
+    try:
+        num = OmegaConf.load(job_dir / ".hydra" / "hydra.yaml").hydra.job.num
+        if isinstance(num, int):
+            return num
+    except Exception:
+        pass
+    m = re.match(r"(\d+)(_|$)", job_dir.relative_to(sweep_dir).parts[0])
+    return int(m.group(1)) if m else None
+
+
+def _read_metrics(path: Path) -> Optional[dict]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None  # absent, or cut short by a killed job: not a result
+    return data if isinstance(data, dict) else None
+
+
+def find_jobs(sweep_dir) -> List[Job]:
+    """Every job directory under `sweep_dir` (one with `.hydra/overrides.yaml`), with its metrics if it finished.
+
+    The search is recursive: an override value holding a `/` (e.g. `data.root=/scratch/data`) puts a job's
+    directory several levels down, since `hydra.sweep.subdir` contains the overrides.
+    """
+    sweep_dir = Path(sweep_dir)
+    jobs = []
+    for overrides_file in sorted(sweep_dir.rglob(".hydra/overrides.yaml")):
+        job_dir = overrides_file.parent.parent
+        if job_dir == sweep_dir:
+            continue
+        metrics = _read_metrics(job_dir / "metrics.json")
+        if metrics is not None and isinstance(metrics.get("overrides"), list):
+            overrides = [str(o) for o in metrics["overrides"]]
+        else:
+            try:
+                overrides = [str(o) for o in (OmegaConf.load(overrides_file) or [])]
+            except Exception:
+                overrides = []
+        jobs.append(Job(_job_number(job_dir, sweep_dir), job_dir, overrides, metrics,
+                        params=dict(_split(o) for o in overrides)))
+    return jobs
+
+
+def varying_keys(jobs: List[Job]) -> List[str]:
+    """Override keys whose value differs between jobs (or that some jobs lack), in first-seen order."""
+    keys: List[str] = []
+    for job in jobs:
+        keys += [k for k in job.params if k not in keys]
+    return [k for k in keys if len({job.params.get(k) for job in jobs}) > 1]
+
+
+def common_overrides(jobs: List[Job]) -> List[str]:
+    vary = set(varying_keys(jobs))
+    return [o for o in (jobs[0].overrides if jobs else []) if _split(o)[0] not in vary]
+
+
+def ranked(jobs: List[Job]) -> List[Job]:
+    """Best (lowest test loss) first; failed or diverged jobs last, in job order."""
+    return sorted(jobs, key=lambda j: (j.loss, j.num if j.num is not None else math.inf, str(j.dir)))
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, float):
+        return f"{value:.3f}" if math.isfinite(value) else str(value)
+    return str(value)
+
+
+def _fmt_param(value: Optional[str]) -> str:
+    """An override value for reading: Optuna's `lr=0.0012520653814999472` as 0.001252 (the CSV keeps it whole)."""
+    if value is None:
+        return ""
+    try:
+        number = float(value)
+    except ValueError:
+        return value
+    return value if re.fullmatch(r"[+-]?\d+", value) or not math.isfinite(number) else f"{number:.4g}"
+
+
+def _columns(jobs: List[Job]) -> List[str]:
+    metrics = [m for m in METRICS if any(m in (j.metrics or {}) for j in jobs)]
+    return ["job", "status", *varying_keys(jobs), *metrics, *RUN_FACTS]
+
+
+def _row(job: Job, columns: List[str]) -> Dict[str, Any]:
+    row = {"job": job.num, "status": job.status}
+    for col in columns[2:]:
+        row[col] = (job.metrics or {}).get(col) if col in METRICS or col in RUN_FACTS else job.params.get(col)
+    return row
+
+
+def write_csv(jobs: List[Job], path: Path, sweep_dir: Path) -> None:
+    columns = _columns(jobs)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow([*columns, "overrides", "dir"])
+        for job in ranked(jobs):
+            row = _row(job, columns)
+            writer.writerow([*("" if row[c] is None else row[c] for c in columns),
+                             " ".join(job.overrides), str(job.dir.relative_to(sweep_dir))])
+    tmp.replace(path)
+
+
+def table(jobs: List[Job]) -> str:
+    """A Markdown table (readable as plain text too), best job first."""
+    columns = _columns(jobs)
+    params = set(varying_keys(jobs))
+    rows = [[(_fmt_param if c in params else _fmt)(_row(j, columns)[c]) for c in columns] for j in ranked(jobs)]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    numeric = [c in METRICS or c in RUN_FACTS or c == "job" for c in columns]
+
+    def line(cells):
+        return "| " + " | ".join(s.rjust(w) if n else s.ljust(w) for s, w, n in zip(cells, widths, numeric)) + " |"
+
+    rule = "|" + "|".join(("-" * (w + 1) + ":") if n else ("-" * (w + 2)) for w, n in zip(widths, numeric)) + "|"
+    return "\n".join([line(columns), rule, *(line(r) for r in rows)])
+
+
+def summarize(sweep_dir, echo: bool = True) -> List[Job]:
+    """Write `summary.csv` and `summary.md` into `sweep_dir`; print the table when `echo`. Returns the jobs."""
+    sweep_dir = Path(sweep_dir)
+    jobs = find_jobs(sweep_dir)
+    if not jobs:
+        return jobs
+    best = ranked(jobs)[0]
+    lines = [f"# Sweep {sweep_dir}", "", table(jobs), ""]
+    common = common_overrides(jobs)
+    if common:
+        lines.append(f"Same in every job: `{' '.join(common)}`")
+    done = [j for j in jobs if j.metrics is not None]
+    if best.metrics is not None and math.isfinite(best.loss):
+        settings = " ".join(f"{k}={_fmt_param(best.params.get(k))}" for k in varying_keys(jobs)) or "no overrides"
+        lines.append(f"Best: job {best.num} (`{settings}`), test loss {best.loss:.3f} nats/image, "
+                     f"in {best.dir.relative_to(sweep_dir)}")
+    if len(done) < len(jobs):
+        lines.append(f"{len(jobs) - len(done)} of {len(jobs)} jobs have no metrics.json (failed, killed or not "
+                     f"finished yet): run `python -m vae.sweep {sweep_dir}` again once they are done.")
+    lines.append(f"Compare the runs: tensorboard --logdir {sweep_dir}")
+    text = "\n".join(lines) + "\n"
+    write_csv(jobs, sweep_dir / "summary.csv", sweep_dir)
+    tmp = sweep_dir / "summary.md.tmp"
+    tmp.write_text(text)
+    tmp.replace(sweep_dir / "summary.md")
+    if echo:
+        print("\n" + text + f"Written: {sweep_dir / 'summary.csv'} and summary.md", flush=True)
+    return jobs
+
+
+class SweepSummary(Callback):
+    """Hydra callback: summarise the sweep once all its jobs have returned (see the module docstring)."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            if not summarize(sweep_dir):
+                log.warning("sweep summary: no job directories under %s", sweep_dir)
+        except Exception as e:  # the jobs' results are on disk already: a summary problem must not hide them
+            log.warning("sweep summary failed (%s: %s); retry with: python -m vae.sweep %s",
+                        type(e).__name__, e, sweep_dir)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vae.sweep", description=__doc__.split("\n\n")[0])
+    parser.add_argument("sweep_dir", type=Path, help="a sweep directory, e.g. outputs/multirun/<date>/<time>")
+    parser.add_argument("-q", "--quiet", action="store_true", help="write the files without printing the table")
+    args = parser.parse_args(argv)
+    if not args.sweep_dir.is_dir():
+        print(f"error: {args.sweep_dir} is not a directory; pass a sweep directory, e.g. "
+              f"outputs/multirun/<date>/<time>", file=sys.stderr)
+        return 2
+    if not summarize(args.sweep_dir, echo=not args.quiet):
+        print(f"error: no job directories (with .hydra/overrides.yaml) under {args.sweep_dir}; is it the "
+              f"directory of a `python train.py -m ...` sweep?", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
