@@ -83,7 +83,7 @@ def train(cfg: DictConfig) -> float:
 
     device = resolve_device(cfg.device)
     compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph)
-    configure_device(device, cfg.tf32)
+    configure_device(device, cfg.tf32, cfg.threads)
     if cfg.device == "auto" and device.type == "cpu":
         log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
     log.info("run directory %s | device %s | compile=%s cuda_graph=%s", run_dir, device, compile_mode, graph_mode)

@@ -76,6 +76,8 @@ class Config:
     compile: Optional[bool] = None
     cuda_graph: Optional[bool] = None
     tf32: bool = True
+    # CPU threads for PyTorch (null = its default, one per core).
+    threads: Optional[int] = None
     log_interval: int = 100
     recon_images: int = 8
     prior_samples: int = 64
@@ -112,6 +114,7 @@ def validate_ranges(cfg: DictConfig) -> None:
     _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be an integer >= 1")
     _check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be an integer >= 0")
     _check(finite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a number > 0")
+    _check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
     _check(cfg.log_interval >= 1, "log_interval", cfg.log_interval, "must be an integer >= 1 (steps)")
     _check(cfg.recon_images >= 1, "recon_images", cfg.recon_images, "must be an integer >= 1")
     _check(cfg.prior_samples >= 1, "prior_samples", cfg.prior_samples, "must be an integer >= 1")

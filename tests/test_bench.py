@@ -1,0 +1,114 @@
+"""`python -m vae.bench` on tiny generated data: rows, JSON, skipped modes, settings. Never timing assertions:
+the figures belong to docs/speed.md, taken on a quiet machine."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from conftest import subprocess_env
+from idx import make_tiny_dataset
+from vae import bench as bench_mod
+from vae.config import CONFIG_DIR, REPO_DIR
+from vae.errors import UserError
+
+# The trainer's settings the bench repeats; their defaults must stay those of configs/config.yaml.
+SHARED = ("latent_dim", "categorical_dim", "prior", "hard", "temperature", "temp_min", "anneal_rate",
+          "anneal_interval", "batch_size", "lr", "seed", "tf32", "log_interval", "data")
+POSITIVE = ("images_per_s", "s_per_epoch", "seconds", "ms_per_step", "compile_s", "estimate_s",
+            "speedup_vs_baseline")
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench-data")
+    make_tiny_dataset(root, n_train=300, n_test=20, seed=0)  # 3 batches of 100 per epoch
+    return root
+
+
+def compose_bench(*overrides):
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose(config_name="bench", overrides=list(overrides))
+
+
+def test_command_reports_rows_and_skips_what_the_device_lacks(data_root, tmp_path):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    out = tmp_path / "results" / "bench.json"
+    # compile is left out: its first build takes about a minute on a small CPU (tests/test_gpu.py covers it).
+    args = [f"data.root={data_root}", "data.verify=false", "data.download=false", "device=cpu", "threads=1",
+            "steps=4", "warmup_steps=1", "rounds=2", "modes=[eager,cuda_graph]", "profile=true", "profile_steps=2",
+            f"out={out}"]
+    env = subprocess_env(PYTHONPATH=str(REPO_DIR))
+    proc = subprocess.run([sys.executable, "-m", "vae.bench", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(out.read_text())
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert list(rows) == ["eager", "cuda_graph", "baseline"]
+    for mode in ("eager", "baseline"):
+        row = rows[mode]
+        assert row["status"] == "ok", row
+        assert row["steps"] == 4 and row["steps_per_epoch"] == 3 and not row["extrapolated"]
+        assert row["images"] == 400 and len(row["images_per_s_blocks"]) == 2
+        for key in POSITIVE:
+            assert math.isfinite(row[key]) and row[key] > 0, (mode, key, row[key])
+        assert math.isfinite(row["loss"])
+        assert row["profile"] and all(op["self_cpu_ms_per_step"] >= 0 for op in row["profile"])
+    assert rows["baseline"]["speedup_vs_baseline"] == 1.0
+    assert rows["cuda_graph"] == {"mode": "cuda_graph", "status": "n/a", "reason": "n/a: needs CUDA"}
+    assert "| cuda_graph | n/a: needs CUDA |" in proc.stdout
+    assert "| eager |" in proc.stdout and "| baseline |" in proc.stdout
+    assert "10 epochs of training, default setting (eager)" in proc.stdout
+    machine = result["machine"]
+    assert machine["torch"] == torch.__version__ and machine["torch_threads"] == 1 and machine["cpu_model"]
+    assert result["settings"]["steps"] == 4 and result["default_mode"] == "eager"
+    assert list(cwd.iterdir()) == []  # Hydra wrote nothing where the command ran
+
+
+def test_a_mode_that_fails_to_build_is_reported_not_fatal(data_root, monkeypatch):
+    def broken_compile(*args, **kwargs):
+        raise RuntimeError("no C++ compiler here")
+
+    monkeypatch.setattr(torch, "compile", broken_compile)
+    cfg = compose_bench(f"data.root={data_root}", "data.verify=false", "data.download=false", "device=cpu",
+                        "steps=1", "warmup_steps=1", "rounds=1", "modes=[compile,eager]", "baseline=false", "out=null")
+    result = bench_mod.bench(cfg)
+    rows = {r["mode"]: r for r in result["rows"]}
+    assert rows["compile"] == {"mode": "compile", "status": "failed",
+                               "reason": "RuntimeError: no C++ compiler here"}
+    assert rows["eager"]["status"] == "ok" and rows["eager"]["speedup_vs_baseline"] is None
+
+
+def test_defaults_are_the_trainers():
+    bench_cfg = OmegaConf.to_container(compose_bench(), resolve=True)
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        train_cfg = OmegaConf.to_container(compose(config_name="config"), resolve=True)
+    for key in SHARED:
+        assert bench_cfg[key] == train_cfg[key], key
+    assert bench_cfg["estimate_epochs"] == train_cfg["epochs"]
+    assert bench_cfg["modes"] == ["eager", "compile", "cuda_graph"] and bench_cfg["baseline"]
+    assert bench_cfg["baseline_workers"] == 0
+
+
+@pytest.mark.parametrize("override, key", [
+    ("modes=[eager,warp]", "modes"), ("adam=sgd", "adam"), ("epochs=0", "epochs"), ("rounds=0", "rounds"),
+    ("threads=0", "threads"), ("steps=0", "steps"), ("device=tpu", "device"), ("prior=gaussian", "prior"),
+    ("data.binarize=yes", "data.binarize"),
+])
+def test_bad_settings_fail_with_one_line(override, key):
+    with pytest.raises(UserError, match=f"^{key}=") as info:
+        bench_mod.validate(compose_bench(override))
+    assert "\n" not in str(info.value)
+
+
+def test_block_sizes_split_the_steps_evenly():
+    assert bench_mod.block_sizes(10, 3) == [4, 3, 3]
+    assert bench_mod.block_sizes(2, 5) == [1, 1]
+    assert sum(bench_mod.block_sizes(601, 4)) == 601
