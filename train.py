@@ -29,7 +29,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from vae import checkpoint as ckpt_io
 from vae import metrics
 from vae.config import resolve_device, validate
-from vae.data import load_split
+from vae.data import load_splits
 from vae.device_data import make_splits
 from vae.engine import TrainStep, configure_device, load_optimizer_state_, make_optimizer, pick_modes
 from vae.errors import TrainingDiverged, UserError, exit_with
@@ -89,8 +89,7 @@ def train(cfg: DictConfig) -> float:
     log.info("run directory %s | device %s | compile=%s cuda_graph=%s", run_dir, device, compile_mode, graph_mode)
 
     # -- data: each split held once on the device as uint8 ---------------------------------------------------
-    train_images, _ = load_split(cfg.data, "train")
-    test_images, _ = load_split(cfg.data, "test")
+    (train_images, _), (test_images, _) = load_splits(cfg.data, ("train", "test"))
     train_split, test_split = make_splits(train_images, test_images, device, cfg.data.binarize,
                                           cfg.data.binarize_seed)
     steps_per_epoch = train_split.n // cfg.batch_size  # full batches only: fixed shapes for compile/graphs
@@ -112,6 +111,8 @@ def train(cfg: DictConfig) -> float:
     epoch, epoch_step, step, best = 0, 0, 0, math.inf
     epoch_sums = torch.zeros(3, device=device)      # loss, bce, kl summed over this epoch's steps
     interval_sums = torch.zeros(3, device=device)   # ... over the steps since the last train/* scalars
+    if resumed:
+        ckpt_io.check_model_state(resumed, initial_weights, cfg.resume)
     with torch.no_grad():
         for k, v in model.state_dict().items():
             v.copy_(resumed["model"][k] if resumed else initial_weights[k])

@@ -103,9 +103,14 @@ def test_bad_checkpoints(tiny_data, tmp_path):
     last = run_dir / "checkpoints" / "last.pt"
     truncated = tmp_path / "truncated.pt"
     truncated.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    foreign = tmp_path / "foreign.pt"
+    ckpt = torch.load(last, weights_only=True)
+    ckpt["config"]["latent_dim"] = 6  # the weights stay those of latent_dim=4
+    torch.save(ckpt, foreign)
     new_dir = tmp_path / "new"
     for extra, needles in [
         ([f"resume={truncated}"], ["truncated.pt", "not a readable checkpoint"]),
+        ([f"resume={foreign}"], ["foreign.pt", "do not fit the architecture"]),
         ([f"resume={last}", "latent_dim=6", "categorical_dim=3"],
          ["different architecture", "latent_dim=4 in the checkpoint but latent_dim=6 here", "categorical_dim"]),
     ]:

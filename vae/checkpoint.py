@@ -104,3 +104,15 @@ def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Ite
         raise UserError(f"resume={cfg.resume!r} has a different architecture: {'; '.join(differ)}. "
                         "Drop those overrides to continue the run, or start a new run without resume=")
     return merged
+
+
+def check_model_state(ckpt: Dict[str, Any], model_state: Dict[str, torch.Tensor], path) -> None:
+    """The checkpoint's weights must fit the model its own config describes (a tampered or foreign file may not)."""
+    saved = ckpt["model"]
+    wrong = [k for k in model_state if k not in saved or tuple(saved[k].shape) != tuple(model_state[k].shape)]
+    extra = [k for k in saved if k not in model_state]
+    if wrong or extra:
+        detail = ", ".join(f"{k} {tuple(saved[k].shape) if k in saved else 'missing'} vs {tuple(model_state[k].shape)}"
+                           for k in wrong[:3]) or f"unexpected {', '.join(extra[:3])}"
+        raise UserError(f"{path}: its weights do not fit the architecture its config describes ({detail}); "
+                        "the file is damaged or not from this train.py")

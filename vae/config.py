@@ -174,10 +174,14 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
     if output_dir is not None:
         check_writable(Path(output_dir), "hydra.run.dir")
     if check_resume and cfg.resume is not None:
-        from vae.checkpoint import load_checkpoint, resume_config
+        from vae.checkpoint import check_model_state, load_checkpoint, resume_config
+        from vae.model import CategoricalVAE
 
-        resumed = resume_config(cfg, load_checkpoint(cfg.resume, key="resume"), overrides)
+        ckpt = load_checkpoint(cfg.resume, key="resume")
+        resumed = resume_config(cfg, ckpt, overrides)
         validate(resumed, check_resume=False)
+        model = CategoricalVAE(resumed.latent_dim, resumed.categorical_dim, resumed.prior)
+        check_model_state(ckpt, model.state_dict(), cfg.resume)
 
 
 class ValidateOnStart(Callback):

@@ -717,21 +717,34 @@ def _serve(t: _Target, data_cfg) -> str:
                     f"{t.ds.rerun}")
 
 
-def load_split(data_cfg, split: str, log: Optional[Log] = None,
-               progress: Optional[bool] = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(images uint8 [N, 28, 28], labels int64 [N]) on the CPU; the trainer moves them to the device once."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {split!r}")
+def load_splits(data_cfg, splits: Sequence[str] = ("train", "test"), log: Optional[Log] = None,
+                progress: Optional[bool] = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """[(images uint8 [N, 28, 28], labels int64 [N]) for each split] on the CPU, after one `prepare()`.
+
+    The trainer moves the images to the device once.
+    """
+    bad = [s for s in splits if s not in SPLITS]
+    if bad:
+        raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {bad[0]!r}")
     raw = prepare(data_cfg, log=log, progress=progress)
     rerun = _dataset(str(data_cfg.name)).rerun
-    images_name, labels_name = SPLITS[split]
-    images, labels = read_idx(raw / images_name), read_idx(raw / labels_name)
-    if images.dim() != 3 or tuple(images.shape[1:]) != IMAGE_SHAPE:
-        raise DataError(f"{raw / images_name}: wrong shape {tuple(images.shape)}; delete it and {rerun}")
-    if labels.dim() != 1 or len(labels) != len(images):
-        raise DataError(f"{raw / labels_name}: {tuple(labels.shape)} labels for {len(images)} images; "
-                        f"delete both and {rerun}")
-    return images, labels.long()
+    loaded = []
+    for split in splits:
+        images_name, labels_name = SPLITS[split]
+        images, labels = read_idx(raw / images_name), read_idx(raw / labels_name)
+        if images.dim() != 3 or tuple(images.shape[1:]) != IMAGE_SHAPE:
+            raise DataError(f"{raw / images_name}: wrong shape {tuple(images.shape)}; delete it and {rerun}")
+        if labels.dim() != 1 or len(labels) != len(images):
+            raise DataError(f"{raw / labels_name}: {tuple(labels.shape)} labels for {len(images)} images; "
+                            f"delete both and {rerun}")
+        loaded.append((images, labels.long()))
+    return loaded
+
+
+def load_split(data_cfg, split: str, log: Optional[Log] = None,
+               progress: Optional[bool] = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(images uint8 [N, 28, 28], labels int64 [N]) of one split, on the CPU."""
+    return load_splits(data_cfg, (split,), log=log, progress=progress)[0]
 
 
 # --- python -m vae.data --------------------------------------------------------------------------------------

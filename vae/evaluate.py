@@ -98,14 +98,14 @@ def data_config(ckpt: Dict[str, Any], path: Path, data_root: Optional[str]) -> D
 
 def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
     """The test split as the model should be scored on it: one fixed binary draw for static and dynamic."""
-    from vae.data import load_split  # imported here so `--help` and config errors don't need the data module
+    from vae.data import load_splits  # imported here so `--help` and config errors don't need the data module
 
-    test_images, _ = load_split(data_cfg, "test")
     if data_cfg.binarize == "static":
         # The same draw as in training: make_splits draws train, then test, from one seeded generator.
-        train_images, _ = load_split(data_cfg, "train")
+        (train_images, _), (test_images, _) = load_splits(data_cfg, ("train", "test"))
         _, test = make_splits(train_images, test_images, device, "static", data_cfg.binarize_seed)
         return test
+    (test_images, _), = load_splits(data_cfg, ("test",))
     if data_cfg.binarize == "dynamic":
         # All three metrics must score the same binary images, and checkpoints of different runs the same
         # ones too, so draw once, seeded by the dataset's binarize_seed. A {0, 255} uint8 image read as
