@@ -1,5 +1,5 @@
 """`python -m vae.bench` on tiny generated data: rows, JSON, skipped modes, settings. Never timing assertions:
-the figures belong to docs/speed.md, taken on a quiet machine."""
+the figures belong in the README, taken on a quiet machine."""
 from __future__ import annotations
 
 import json

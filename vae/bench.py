@@ -3,7 +3,7 @@
     python -m vae.bench                                   # every mode this device has, 1 epoch timed per mode
     python -m vae.bench epochs=0.1                        # time a tenth of an epoch per mode and extrapolate
     python -m vae.bench device=cuda modes=[eager,cuda_graph] out=bench-h100.json
-    python -m vae.bench threads=1 adam=fused profile=true # the CPU knobs measured in docs/speed.md
+    python -m vae.bench threads=1 adam=fused profile=true # the CPU knobs measured in the README (Speed)
 
 Settings: configs/bench.yaml (schema `BenchConfig` below). Two kinds of rows:
 
