@@ -28,6 +28,7 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vae import checkpoint as ckpt_io
 from vae import metrics
+from vae.atomic import remove_stray_temporaries
 from vae.config import resolve_device, validate
 from vae.data import load_splits
 from vae.device_data import make_splits
@@ -78,7 +79,7 @@ def train(cfg: DictConfig) -> float:
         # A resumed run continues in its own directory, so TensorBoard shows one unbroken run.
         run_dir = Path(cfg.resume).expanduser().resolve().parent.parent
     ckpt_dir = run_dir / "checkpoints"
-    for stray in ckpt_io.remove_stray_temporaries(ckpt_dir):
+    for stray in remove_stray_temporaries(ckpt_dir):
         log.info("removed %s, left by a run killed while saving", stray.name)
 
     device = resolve_device(cfg.device)

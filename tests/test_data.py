@@ -18,6 +18,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
+import vae.atomic as atomic
 import vae.data as data
 from idx import make_tiny_dataset, md5_sums, write_idx, write_idx_images, write_idx_labels
 from vae.config import DataConfig
@@ -257,7 +258,7 @@ def test_system_source_copies_plain_and_gz_files(tmp_path):
     raw = prepare(cfg(root, sources=["local", "system"], system_path=str(system)), checksums=md5_sums(src))
     for name in data.FILE_NAMES:
         assert (raw / name).read_bytes() == (src / name).read_bytes()
-        assert (raw / name).stat().st_mode & 0o777 == 0o666 & ~data._umask()
+        assert (raw / name).stat().st_mode & 0o777 == 0o666 & ~atomic._umask()
 
 
 def test_system_source_with_a_bad_copy_fails_and_installs_nothing(tmp_path):

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import errno
-import os
 import signal
 import subprocess
 import sys
@@ -14,6 +13,7 @@ import torch
 from conftest import REPO, run_train, subprocess_env, tiny_overrides
 from idx import make_tiny_dataset
 from vae import checkpoint as ckpt_io
+from vae.atomic import remove_stray_temporaries
 from vae.errors import UserError
 
 
@@ -124,7 +124,7 @@ def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
     assert any(".tmp-" in p.name for p in path.parent.iterdir()), "the kill did not land during a write"
     ckpt = torch.load(path, weights_only=True)
     assert torch.equal(ckpt["blob"], torch.full((8_000_000,), float(ckpt["i"])))
-    removed = ckpt_io.remove_stray_temporaries(path.parent)
+    removed = remove_stray_temporaries(path.parent)
     assert removed and not any(".tmp-" in p.name for p in path.parent.iterdir())
 
 

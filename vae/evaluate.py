@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from vae import metrics
+from vae.atomic import atomic_write
 from vae.checkpoint import load_checkpoint
 from vae.config import CONFIG_DIR, DataConfig, check_writable, resolve_device
 from vae.device_data import DeviceSplit, make_splits
@@ -116,16 +116,6 @@ def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
     return DeviceSplit(test_images, device, data_cfg.binarize)
 
 
-def _atomic(path: Path, write) -> None:
-    """write(tmp_path) then rename: an interrupted evaluation never leaves half a file under the final name."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 @torch.no_grad()
 def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, generator: torch.Generator,
                 prefix: Path) -> Dict[str, str]:
@@ -145,8 +135,8 @@ def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, gener
 
     paths = {"prior_samples": prefix.with_name(prefix.name + ".prior_samples.png"),
              "reconstructions": prefix.with_name(prefix.name + ".reconstructions.png")}
-    _atomic(paths["prior_samples"], lambda p: save_image(prior, p, nrow=cfg.prior_nrow, format="png"))
-    _atomic(paths["reconstructions"], lambda p: save_image(pairs, p, nrow=n, format="png"))
+    atomic_write(paths["prior_samples"], lambda f: save_image(prior, f, nrow=cfg.prior_nrow, format="png"))
+    atomic_write(paths["reconstructions"], lambda f: save_image(pairs, f, nrow=n, format="png"))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -203,7 +193,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     }
     result["images"] = save_images(model, test, cfg, generator(), prefix)
     metrics_path = prefix.with_name(prefix.name + ".metrics.json")
-    _atomic(metrics_path, lambda p: p.write_text(json.dumps(result, indent=2) + "\n"))
+    atomic_write(metrics_path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
     print(format_table(result))
     print(f"wrote {metrics_path}")
     return result
