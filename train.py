@@ -127,7 +127,8 @@ def train(cfg: DictConfig) -> float:
             g.set_state(resumed["rng"][name])
         epoch_sums.copy_(resumed["epoch_sums"])
         interval_sums.copy_(resumed["interval_sums"])
-        log.info("resumed %s at epoch %d, step %d, tau %.4f", cfg.resume, epoch, step, tau_for(cfg, step))
+        log.info("resumed %s at step %d (%d epochs and %d steps done), tau %.4f", cfg.resume, step, epoch,
+                 epoch_step, tau_for(cfg, step))
     shuffle_state = resumed["rng"]["shuffle_epoch_start"] if resumed else gens["shuffle"].get_state()
 
     # Fixed inputs for the image grids, so that epochs can be compared picture to picture.
@@ -169,8 +170,9 @@ def train(cfg: DictConfig) -> float:
         writer.flush()
         writer.close()
         name = signal.Signals(stop.signum).name
-        log.warning("stopped by %s at epoch %d, step %d; checkpoint saved. Resume with:\n  python train.py resume=%s",
-                    name, epoch, step, ckpt_dir / "last.pt")
+        where = f"during epoch {epoch + 1}" if epoch_step else f"after epoch {epoch}"
+        log.warning("stopped by %s %s, at step %d; checkpoint saved. Resume with:\n  python train.py resume=%s",
+                    name, where, step, ckpt_dir / "last.pt")
         sys.exit(SIGNAL_EXIT[stop.signum])
 
     test = None

@@ -117,3 +117,15 @@ def test_bad_checkpoints(tiny_data, tmp_path):
         proc = run_train([*extra, f"hydra.run.dir={new_dir}"])
         assert_clean_failure(proc, new_dir, *needles)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_readme_documents_every_setting():
+    from dataclasses import fields
+
+    from conftest import REPO
+    from vae.config import Config, DataConfig, EvalConfig
+
+    readme = (REPO / "README.md").read_text()
+    keys = [f.name for f in fields(Config) if f.name not in ("data", "eval")]
+    keys += [f"data.{f.name}" for f in fields(DataConfig)] + [f"eval.{f.name}" for f in fields(EvalConfig)]
+    assert [k for k in keys if f"| `{k}` |" not in readme] == []
