@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 from vae import metrics
 from vae.atomic import atomic_write
-from vae.checkpoint import load_checkpoint
+from vae.checkpoint import check_model_state, load_checkpoint
 from vae.config import CONFIG_DIR, DataConfig, check_writable, resolve_device
 from vae.device_data import DeviceSplit, make_splits
 from vae.errors import UserError, exit_with
@@ -76,10 +76,11 @@ def build_model(ckpt: Dict[str, Any], path: Path) -> CategoricalVAE:
     c = ckpt["config"]
     try:
         model = CategoricalVAE(c["latent_dim"], c["categorical_dim"], c.get("prior", "uniform"))
-        model.load_state_dict(ckpt["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise UserError(f"checkpoint={str(path)!r}: its weights do not fit the model its config describes "
-                        f"({type(e).__name__}: {str(e).splitlines()[0][:160]})") from e
+    except (KeyError, TypeError) as e:
+        raise UserError(f"checkpoint={str(path)!r}: its config does not describe a model ({type(e).__name__}: "
+                        f"{e}); pass a last.pt or best.pt written by train.py") from e
+    check_model_state(ckpt, model.state_dict(), f"checkpoint={str(path)!r}")
+    model.load_state_dict(ckpt["model"])
     return model
 
 
