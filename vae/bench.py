@@ -55,7 +55,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from vae.atomic import atomic_write
-from vae.config import BINARIZE, CONFIG_DIR, DATASETS, PRIORS, DataConfig, resolve_device
+from vae.config import CONFIG_DIR, Config, DataConfig, check, resolve_device, validate_ranges
 from vae.errors import UserError, exit_with
 from vae.schedule import tau_for
 
@@ -104,40 +104,23 @@ class BenchConfig:
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
 
 
-def _fail(key: str, value: Any, allowed: str) -> None:
-    raise UserError(f"{key}={value!r} is not allowed: {allowed} (set it on the command line, e.g. {key}=...)")
+# The trainer's settings that the benchmark shares: checked by the trainer's own range checks.
+TRAINER_KEYS = ("latent_dim", "categorical_dim", "prior", "hard", "temperature", "temp_min", "anneal_rate",
+                "anneal_interval", "batch_size", "lr", "seed", "tf32", "log_interval", "device", "threads", "data")
 
 
 def validate(cfg: DictConfig) -> None:
     """One readable line per bad setting, before any data is read."""
-    bad = [m for m in cfg.modes if m not in MODES]
-    if bad:
-        _fail("modes", list(cfg.modes), f"a list drawn from {', '.join(MODES)}")
-    if not cfg.modes and not cfg.baseline:
-        _fail("modes", [], "at least one mode, or baseline=true")
-    if cfg.adam not in ADAM:
-        _fail("adam", cfg.adam, f"one of {', '.join(ADAM)}")
-    if not (math.isfinite(cfg.epochs) and cfg.epochs > 0):
-        _fail("epochs", cfg.epochs, "a number > 0 (fractions of an epoch are timed and extrapolated)")
+    check(all(m in MODES for m in cfg.modes), "modes", list(cfg.modes), f"a list drawn from {', '.join(MODES)}")
+    check(bool(cfg.modes) or cfg.baseline, "modes", list(cfg.modes), "at least one mode, or baseline=true")
+    check(cfg.adam in ADAM, "adam", cfg.adam, f"one of {', '.join(ADAM)}")
+    check(math.isfinite(cfg.epochs) and cfg.epochs > 0, "epochs", cfg.epochs,
+          "a number > 0 (fractions of an epoch are timed and extrapolated)")
     for key, minimum in (("warmup_steps", 0), ("rounds", 1), ("baseline_workers", 0), ("estimate_epochs", 1),
-                         ("profile_steps", 1), ("profile_rows", 1), ("latent_dim", 1), ("categorical_dim", 2),
-                         ("batch_size", 1), ("anneal_interval", 1), ("log_interval", 1)):
-        if cfg[key] < minimum:
-            _fail(key, cfg[key], f"an integer >= {minimum}")
-    if cfg.steps is not None and cfg.steps < 1:
-        _fail("steps", cfg.steps, "an integer >= 1, or null to time `epochs` epochs")
-    if cfg.threads is not None and cfg.threads < 1:
-        _fail("threads", cfg.threads, "an integer >= 1, or null for PyTorch's default")
-    if not (cfg.temperature > 0 and 0 < cfg.temp_min <= cfg.temperature):
-        _fail("temp_min", cfg.temp_min, f"a number in (0, temperature={cfg.temperature}]")
-    if not cfg.lr > 0:
-        _fail("lr", cfg.lr, "a number > 0")
-    if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
-        _fail("device", cfg.device, "auto, cpu, cuda or cuda:N")
-    for key, value, allowed in (("prior", cfg.prior, PRIORS), ("data.name", cfg.data.name, DATASETS),
-                                ("data.binarize", cfg.data.binarize, BINARIZE)):
-        if value not in allowed:
-            _fail(key, value, f"one of {', '.join(allowed)}")
+                         ("profile_steps", 1), ("profile_rows", 1)):
+        check(cfg[key] >= minimum, key, cfg[key], f"an integer >= {minimum}")
+    check(cfg.steps is None or cfg.steps >= 1, "steps", cfg.steps, "an integer >= 1, or null to time `epochs` epochs")
+    validate_ranges(OmegaConf.merge(OmegaConf.structured(Config), {k: cfg[k] for k in TRAINER_KEYS}))
 
 
 # --- timing --------------------------------------------------------------------------------------------------
@@ -540,10 +523,9 @@ def bench(cfg: DictConfig) -> Dict[str, Any]:
     from vae.engine import configure_device, pick_modes
 
     validate(cfg)
-    if cfg.threads is not None:
-        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    configure_device(device, cfg.tf32)  # TF32 as train.py sets it; process-wide, so the baseline gets it too
+    # Threads and TF32 as train.py sets them; process-wide, so the baseline gets them too.
+    configure_device(device, cfg.tf32, cfg.threads)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the CUDA events record on the current device's stream
     out = Path(cfg.out).expanduser() if cfg.out else None

@@ -92,7 +92,8 @@ ConfigStore.instance().store(name="base_config", node=Config)
 ARCHITECTURE_KEYS = ("latent_dim", "categorical_dim", "prior")
 
 
-def _check(ok: bool, key: str, value: Any, allowed: str) -> None:
+def check(ok: bool, key: str, value: Any, allowed: str) -> None:
+    """Raise the one-line error for a setting outside what is allowed."""
     if not ok:
         raise UserError(f"{key}={value!r} is not allowed: {allowed} (set it on the command line, e.g. {key}=...)")
 
@@ -102,33 +103,33 @@ def validate_ranges(cfg: DictConfig) -> None:
     def finite(v: float) -> bool:
         return isinstance(v, (int, float)) and math.isfinite(v)
 
-    _check(finite(cfg.temperature) and cfg.temperature > 0, "temperature", cfg.temperature, "must be a number > 0")
-    _check(finite(cfg.temp_min) and cfg.temp_min > 0, "temp_min", cfg.temp_min, "must be a number > 0")
-    _check(cfg.temp_min <= cfg.temperature, "temp_min", cfg.temp_min,
+    check(finite(cfg.temperature) and cfg.temperature > 0, "temperature", cfg.temperature, "must be a number > 0")
+    check(finite(cfg.temp_min) and cfg.temp_min > 0, "temp_min", cfg.temp_min, "must be a number > 0")
+    check(cfg.temp_min <= cfg.temperature, "temp_min", cfg.temp_min,
            f"must be <= temperature ({cfg.temperature}), the floor of the annealing schedule")
-    _check(finite(cfg.anneal_rate) and cfg.anneal_rate >= 0, "anneal_rate", cfg.anneal_rate,
+    check(finite(cfg.anneal_rate) and cfg.anneal_rate >= 0, "anneal_rate", cfg.anneal_rate,
            "must be a number >= 0 (0 keeps the temperature fixed)")
-    _check(cfg.anneal_interval >= 1, "anneal_interval", cfg.anneal_interval, "must be an integer >= 1 (steps)")
-    _check(cfg.latent_dim >= 1, "latent_dim", cfg.latent_dim, "must be an integer >= 1")
-    _check(cfg.categorical_dim >= 2, "categorical_dim", cfg.categorical_dim, "must be an integer >= 2")
-    _check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be an integer >= 1")
-    _check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be an integer >= 0")
-    _check(finite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a number > 0")
-    _check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
-    _check(cfg.log_interval >= 1, "log_interval", cfg.log_interval, "must be an integer >= 1 (steps)")
-    _check(cfg.recon_images >= 1, "recon_images", cfg.recon_images, "must be an integer >= 1")
-    _check(cfg.prior_samples >= 1, "prior_samples", cfg.prior_samples, "must be an integer >= 1")
-    _check(cfg.prior in PRIORS, "prior", cfg.prior, f"one of {', '.join(PRIORS)}")
-    _check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"), "device",
+    check(cfg.anneal_interval >= 1, "anneal_interval", cfg.anneal_interval, "must be an integer >= 1 (steps)")
+    check(cfg.latent_dim >= 1, "latent_dim", cfg.latent_dim, "must be an integer >= 1")
+    check(cfg.categorical_dim >= 2, "categorical_dim", cfg.categorical_dim, "must be an integer >= 2")
+    check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be an integer >= 1")
+    check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be an integer >= 0")
+    check(finite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a number > 0")
+    check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
+    check(cfg.log_interval >= 1, "log_interval", cfg.log_interval, "must be an integer >= 1 (steps)")
+    check(cfg.recon_images >= 1, "recon_images", cfg.recon_images, "must be an integer >= 1")
+    check(cfg.prior_samples >= 1, "prior_samples", cfg.prior_samples, "must be an integer >= 1")
+    check(cfg.prior in PRIORS, "prior", cfg.prior, f"one of {', '.join(PRIORS)}")
+    check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"), "device",
            cfg.device, "auto, cpu, cuda or cuda:N")
-    _check(cfg.data.name in DATASETS, "data.name", cfg.data.name,
+    check(cfg.data.name in DATASETS, "data.name", cfg.data.name,
            f"one of {', '.join(DATASETS)} (choose with data=mnist or data=fashion_mnist)")
-    _check(cfg.data.binarize in BINARIZE, "data.binarize", cfg.data.binarize, f"one of {', '.join(BINARIZE)}")
+    check(cfg.data.binarize in BINARIZE, "data.binarize", cfg.data.binarize, f"one of {', '.join(BINARIZE)}")
     bad = [s for s in cfg.data.sources if s not in SOURCES]
-    _check(not bad, "data.sources", list(cfg.data.sources), f"a list drawn from {', '.join(SOURCES)}")
-    _check(cfg.eval.iw_samples >= 0, "eval.iw_samples", cfg.eval.iw_samples, "must be an integer >= 0 (0 = off)")
-    _check(cfg.eval.iw_chunk >= 1, "eval.iw_chunk", cfg.eval.iw_chunk, "must be an integer >= 1")
-    _check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be an integer >= 1")
+    check(not bad, "data.sources", list(cfg.data.sources), f"a list drawn from {', '.join(SOURCES)}")
+    check(cfg.eval.iw_samples >= 0, "eval.iw_samples", cfg.eval.iw_samples, "must be an integer >= 0 (0 = off)")
+    check(cfg.eval.iw_chunk >= 1, "eval.iw_chunk", cfg.eval.iw_chunk, "must be an integer >= 1")
+    check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be an integer >= 1")
 
 
 def check_writable(path: Path, key: str) -> None:
