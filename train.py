@@ -102,12 +102,29 @@ def train(cfg: DictConfig) -> float:
     torch.manual_seed(cfg.seed)  # the initial weights
     model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim, cfg.prior).to(device)
     initial_weights = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = make_optimizer(model, cfg.lr, device, graph_mode)
     gens = make_generators(cfg.seed, device)
-    train_step = TrainStep(model, optimizer, train_split, batch_size=cfg.batch_size, hard=cfg.hard,
-                           noise_generator=gens["noise"],
-                           binarize_generator=gens["binarize"] if cfg.data.binarize == "dynamic" else None,
-                           compile=compile_mode, cuda_graph=graph_mode)
+
+    def build_step(compile_mode: bool):
+        optimizer = make_optimizer(model, cfg.lr, device, graph_mode, compile_mode)
+        return optimizer, TrainStep(model, optimizer, train_split, batch_size=cfg.batch_size, hard=cfg.hard,
+                                    noise_generator=gens["noise"],
+                                    binarize_generator=gens["binarize"] if cfg.data.binarize == "dynamic" else None,
+                                    compile=compile_mode, cuda_graph=graph_mode)
+
+    t_build = time.perf_counter()
+    try:
+        optimizer, train_step = build_step(compile_mode)
+    except Exception as e:  # torch.compile needs a working C++ compiler (CPU) or Triton (CUDA)
+        if not compile_mode:
+            raise
+        reason = (str(e).strip().splitlines() or [""])[0][:200]
+        log.warning("compile=true failed here (%s: %s); training without torch.compile (set compile=false to skip "
+                    "the attempt)", type(e).__name__, reason)
+        compile_mode = False
+        optimizer, train_step = build_step(compile_mode)
+    build_seconds = time.perf_counter() - t_build
+    if compile_mode or graph_mode:
+        log.info("training step compiled/captured in %.1f s (not counted in the epochs' training time)", build_seconds)
     # Load the starting state in place (a captured graph holds these tensors' addresses).
     epoch, epoch_step, step, best = 0, 0, 0, math.inf
     epoch_sums = torch.zeros(3, device=device)      # loss, bce, kl summed over this epoch's steps
@@ -176,6 +193,7 @@ def train(cfg: DictConfig) -> float:
         sys.exit(SIGNAL_EXIT[stop.signum])
 
     test = None
+    train_seconds = 0.0  # this process's time in training steps (no test passes, images or checkpoints)
     with logging_redirect_tqdm():
         while epoch < cfg.epochs:
             gens["shuffle"].set_state(shuffle_state)
@@ -213,7 +231,9 @@ def train(cfg: DictConfig) -> float:
             bar.close()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            images_per_s = (epoch_step - first_step) * cfg.batch_size / (time.perf_counter() - t0)
+            epoch_seconds = time.perf_counter() - t0
+            train_seconds += epoch_seconds
+            images_per_s = (epoch_step - first_step) * cfg.batch_size / epoch_seconds
             train_loss = (epoch_sums / steps_per_epoch).tolist()[0]
 
             test = test_pass()
@@ -239,8 +259,8 @@ def train(cfg: DictConfig) -> float:
                 save("best.pt", test["loss"])
             writer.flush()
             log.info("epoch %d/%d | train loss %.2f | test loss %.2f | test -elbo (discrete) %.2f | tau %.4f | "
-                     "%.0f images/s", epoch, cfg.epochs, train_loss, test["loss"], test["elbo_discrete"], tau,
-                     images_per_s)
+                     "%.2f s, %.0f images/s", epoch, cfg.epochs, train_loss, test["loss"], test["elbo_discrete"], tau,
+                     epoch_seconds, images_per_s)
             if stop.signum is not None:
                 stop_for_signal()
 
@@ -249,7 +269,7 @@ def train(cfg: DictConfig) -> float:
     if test is None:  # nothing left to train (epochs=0, or resuming a finished run): report the model as it is
         test = test_pass()
     results = {"test_loss": test["loss"], "test_elbo_discrete": test["elbo_discrete"], "epochs": epoch,
-               "step": step, "tau": tau}
+               "step": step, "tau": tau, "train_seconds": train_seconds, "build_seconds": build_seconds}
     if cfg.eval.iw_samples > 0:
         gens["eval"].manual_seed(cfg.seed)
         with tqdm(total=test_split.n, desc=f"iw bound k={cfg.eval.iw_samples}", leave=False, disable=None) as bar:
@@ -262,7 +282,8 @@ def train(cfg: DictConfig) -> float:
     writer.close()
     results["overrides"] = list(hydra_cfg.overrides.task)
     (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
-    log.info("done: test loss %.2f nats/image; checkpoints in %s", results["test_loss"], ckpt_dir)
+    log.info("done: test loss %.2f nats/image; %.2f s of training steps; checkpoints in %s", results["test_loss"],
+             train_seconds, ckpt_dir)
     return results["test_loss"]
 
 

@@ -93,7 +93,7 @@ def test_defaults_are_the_trainers():
     for key in SHARED:
         assert bench_cfg[key] == train_cfg[key], key
     assert bench_cfg["estimate_epochs"] == train_cfg["epochs"]
-    assert bench_cfg["modes"] == ["eager", "compile", "cuda_graph"] and bench_cfg["baseline"]
+    assert bench_cfg["modes"] == ["eager", "compile", "cuda_graph", "compile+cuda_graph"] and bench_cfg["baseline"]
     assert bench_cfg["baseline_workers"] == 0
 
 

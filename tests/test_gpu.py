@@ -4,6 +4,7 @@ only these)."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -45,7 +46,7 @@ def make_step(device, *, compile=False, cuda_graph=False, lr=1e-3, noise_seed=2)
     torch.manual_seed(0)
     model = CategoricalVAE(LATENT, CATS).to(device)
     initial = {k: v.clone() for k, v in model.state_dict().items()}
-    optimizer = make_optimizer(model, lr, device, cuda_graph)
+    optimizer = make_optimizer(model, lr, device, cuda_graph, compile)
     gens = {"shuffle": torch.Generator(device=device).manual_seed(1),
             "noise": torch.Generator(device=device).manual_seed(noise_seed)}
     step = TrainStep(model, optimizer, split, batch_size=BATCH, hard=False, noise_generator=gens["noise"],
@@ -91,9 +92,9 @@ def cpu_loss(cpu_model) -> float:
     return final_loss(cpu_model)
 
 
-@pytest.mark.parametrize("mode", ["eager", "compile", "cuda_graph"])
+@pytest.mark.parametrize("mode", ["eager", "compile", "cuda_graph", "compile+cuda_graph"])
 def test_every_mode_learns_what_the_cpu_learns(mode, cpu_loss):
-    model = train("cuda", compile=mode == "compile", cuda_graph=mode == "cuda_graph")
+    model = train("cuda", compile="compile" in mode, cuda_graph="cuda_graph" in mode)
     loss = final_loss(model)
     assert loss < 0.5 * 543, f"{mode}: the loss hardly fell ({loss:.1f} nats)"
     assert abs(loss - cpu_loss) < TOLERANCE, f"{mode}: {loss:.2f} nats vs {cpu_loss:.2f} on the CPU"
@@ -121,22 +122,26 @@ def test_cuda_graph_replays_draw_fresh_noise(cpu_model):
     assert torch.allclose(step(idx, tau), first, rtol=1e-6, atol=0)
 
 
-@pytest.mark.parametrize("extra", [[], ["cuda_graph=true", "compile=false"]], ids=["default", "cuda_graph"])
+@pytest.mark.parametrize("extra", [[], ["cuda_graph=true", "compile=false"], ["cuda_graph=true", "compile=true"]],
+                         ids=["default", "cuda_graph", "compile+cuda_graph"])
 def test_train_script_on_cuda(tiny_data, tmp_path, extra):
     run_dir = tmp_path / "run"
     proc = run_train(tiny_overrides(tiny_data, run_dir, "device=cuda", "epochs=1", *extra), timeout=600)
     assert proc.returncode == 0, proc.stderr
     assert (run_dir / "checkpoints" / "last.pt").is_file()
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train_seconds"] > 0 and math.isfinite(metrics["test_loss"])
 
 
 def test_bench_runs_every_mode_on_cuda(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script([f"data.root={tiny_data}", "data.verify=false", "device=cuda", "steps=6", "warmup_steps=3",
-                       "rounds=2", "modes=[eager,compile,cuda_graph]", f"out={out}"], script="vae.bench",
+                       "rounds=2", "modes=[eager,compile,cuda_graph,compile+cuda_graph]", f"out={out}"],
+                      script="vae.bench",
                       timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
-    assert set(rows) == {"eager", "compile", "cuda_graph", "baseline"}
+    assert set(rows) == {"eager", "compile", "cuda_graph", "compile+cuda_graph", "baseline"}
     for mode, row in rows.items():
         assert row["status"] == "ok", (mode, row.get("reason"))
         assert row["images_per_s"] > 0 and row["s_per_epoch"] > 0

@@ -142,3 +142,14 @@ def test_write_error_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         ckpt_io.save_checkpoint({"format": "gumbel-vae/1", "v": torch.zeros(3)}, path)
     assert path.read_bytes() == before
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"]
+
+
+def test_a_compiler_that_fails_falls_back_to_eager(tiny_data, tmp_path):
+    # torch.compile on a CPU needs a C++ compiler; a broken one must cost a warning, never the run. (A fresh
+    # Inductor cache, or a cached kernel from an earlier run would hide the broken compiler.)
+    run_dir = tmp_path / "run"
+    proc = run_train(tiny_overrides(tiny_data, run_dir, "epochs=1", "compile=true"),
+                     env_extra={"CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")})
+    assert proc.returncode == 0, proc.stderr
+    assert "compile=true failed here" in proc.stdout + proc.stderr
+    assert (run_dir / "checkpoints" / "last.pt").is_file()

@@ -54,6 +54,7 @@ def test_run_writes_tensorboard_checkpoints_and_metrics(hard_run):
             assert ckpt["test_loss"] == pytest.approx(min(test_losses))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert math.isfinite(metrics["test_loss"]) and "hard=true" in metrics["overrides"]
+    assert metrics["train_seconds"] > 0 and metrics["build_seconds"] >= 0
     assert (run_dir / ".hydra" / "config.yaml").is_file() and (run_dir / "train.log").is_file()
     assert "epoch 2/2" in (run_dir / "train.log").read_text()
 

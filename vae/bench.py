@@ -2,7 +2,7 @@
 
     python -m vae.bench                                   # every mode this device has, 1 epoch timed per mode
     python -m vae.bench epochs=0.1                        # time a tenth of an epoch per mode and extrapolate
-    python -m vae.bench device=cuda modes=[eager,cuda_graph] out=bench-h100.json
+    python -m vae.bench device=cuda modes=[eager,compile+cuda_graph] out=bench-h100.json
     python -m vae.bench threads=1 adam=fused profile=true # the CPU knobs measured in the README (Speed)
 
 Settings: configs/bench.yaml (schema `BenchConfig` below). Two kinds of rows:
@@ -70,7 +70,7 @@ ADAM = ("trainer", "fused", "foreach", "for_loop")
 @dataclass
 class BenchConfig:
     device: str = "auto"
-    modes: List[str] = field(default_factory=lambda: ["eager", "compile", "cuda_graph"])
+    modes: List[str] = field(default_factory=lambda: ["eager", "compile", "cuda_graph", "compile+cuda_graph"])
     baseline: bool = True
     baseline_workers: int = 0
     epochs: float = 1.0
@@ -153,12 +153,12 @@ def _sync(device: torch.device) -> None:
 
 # --- the two kinds of rows -----------------------------------------------------------------------------------
 
-def make_adam(model, cfg: DictConfig, device: torch.device, cuda_graph: bool):
+def make_adam(model, cfg: DictConfig, device: torch.device, cuda_graph: bool, compile: bool):
     """The trainer's optimizer (`adam=trainer`) or one Adam implementation chosen by name, to measure it."""
     from vae.engine import make_optimizer
 
     if cfg.adam == "trainer":
-        return make_optimizer(model, cfg.lr, device, cuda_graph)
+        return make_optimizer(model, cfg.lr, device, cuda_graph, compile)
     kwargs = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for_loop": dict(foreach=False)}[cfg.adam]
     if cuda_graph:
         kwargs["capturable"] = True
@@ -179,7 +179,7 @@ class TrainerRun:
         torch.manual_seed(cfg.seed)
         self.model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim, cfg.prior).to(device)
         initial = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.optimizer = make_adam(self.model, cfg, device, cuda_graph)
+        self.optimizer = make_adam(self.model, cfg, device, cuda_graph, compile)
         # Independent seeded streams, as train.make_generators.
         seeds = torch.randint(2**62, (4,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
         self.gens = {n: torch.Generator(device=device).manual_seed(s)
@@ -187,7 +187,8 @@ class TrainerRun:
         self.step_fn = TrainStep(self.model, self.optimizer, split, batch_size=cfg.batch_size, hard=cfg.hard,
                                  noise_generator=self.gens["noise"],
                                  binarize_generator=self.gens["binarize"] if split.binarize == "dynamic" else None,
-                                 compile=compile, cuda_graph=cuda_graph)
+                                 compile=compile, cuda_graph=cuda_graph,
+                                 compile_optimizer=None if cfg.adam == "trainer" else False)
         with torch.no_grad():  # in place: a captured graph holds these addresses
             for k, v in self.model.state_dict().items():
                 v.copy_(initial[k])

@@ -2,7 +2,8 @@
 
 Modes (chosen in the config, see `pick_modes`):
   eager       plain PyTorch;
-  compile     `torch.compile` of the forward pass and loss (AOTAutograd compiles the backward too);
+  compile     `torch.compile` of the forward pass and loss (AOTAutograd compiles the backward too), and on
+              CUDA of the Adam step;
   cuda_graph  the whole step (batch gather, noise, forward, backward, Adam) captured once as a CUDA graph and
               replayed: one launch per step instead of about a hundred, which is what bounds this tiny model on
               a GPU.
@@ -11,6 +12,7 @@ runs see the same noise and learn the same thing.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from typing import Optional
 
@@ -33,10 +35,11 @@ def batch_loss(model, x: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor, h
 def pick_modes(device: torch.device, compile: Optional[bool], cuda_graph: Optional[bool]):
     """Resolve `null` (auto) and refuse, with a warning rather than a crash, what the device cannot do."""
     on_cuda = device.type == "cuda"
-    # Auto: compile on CUDA, where launch overhead dominates; on a CPU the compile time (tens of seconds on two
-    # cores) is not repaid by a default-length run. CUDA graphs stay opt-in (see the README's speed section).
+    # Auto: on CUDA, compile and capture the whole step as one CUDA graph: this tiny model is bound by kernel
+    # launches there (on an H100: 1.0 s an epoch eager or compiled, 0.13 s both; README, Speed). On a CPU neither:
+    # the compile time (tens of seconds on two cores) is not repaid by a default-length run.
     compile = on_cuda if compile is None else compile
-    cuda_graph = False if cuda_graph is None else cuda_graph
+    cuda_graph = on_cuda if cuda_graph is None else cuda_graph
     if cuda_graph and not on_cuda:
         log.warning("cuda_graph=true needs a CUDA device; running on %s without it", device)
         cuda_graph = False
@@ -59,10 +62,19 @@ def configure_device(device: torch.device, tf32: bool, threads=None) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
-def make_optimizer(model, lr: float, device: torch.device, cuda_graph: bool):
+def compiles_optimizer(device: torch.device, compile: bool) -> bool:
+    """Whether the compiled step also compiles Adam (CUDA only; see make_optimizer)."""
+    return compile and device.type == "cuda"
+
+
+def make_optimizer(model, lr: float, device: torch.device, cuda_graph: bool, compile: bool = False):
     # Fused Adam: one kernel for all parameters instead of a handful per tensor. On a 2-core CPU this cuts a step by
-    # about a fifth (python -m vae.bench adam=...); on CUDA, `capturable` keeps its step counter on the device so a
-    # captured graph can advance it.
+    # about a fifth (python -m vae.bench adam=...). On CUDA the fused kernel cuts these 1.2 M parameters into chunks
+    # of 65,536, about 19 thread blocks on a 132-SM GPU: 0.07 ms, the largest kernel of a step on an H100. So when
+    # the step is compiled, Adam is the foreach implementation compiled with it (TrainStep), which Inductor turns
+    # into a few wide kernels. `capturable` keeps the step counter on the device so a captured graph advances it.
+    if compiles_optimizer(device, compile):
+        return torch.optim.Adam(model.parameters(), lr=lr, foreach=True, capturable=True)
     kwargs = dict(fused=True)
     if device.type == "cuda":
         kwargs["capturable"] = cuda_graph
@@ -73,22 +85,51 @@ class TrainStep:
     """`step(idx, tau) -> tensor([loss, bce, kl])` (batch means, on the device, no host sync)."""
 
     def __init__(self, model, optimizer, split, *, batch_size: int, hard: bool, noise_generator,
-                 binarize_generator, compile: bool = False, cuda_graph: bool = False):
+                 binarize_generator, compile: bool = False, cuda_graph: bool = False,
+                 compile_optimizer: Optional[bool] = None):
         self.model, self.optimizer, self.split = model, optimizer, split
         self.hard = hard
         self.noise_generator, self.binarize_generator = noise_generator, binarize_generator
         self.noise_shape = (batch_size, model.latent_dim, model.categorical_dim)
         self.loss_fn = torch.compile(batch_loss, dynamic=False) if compile else batch_loss
+        if compile_optimizer is None:  # None: as make_optimizer decided for this device and mode
+            compile_optimizer = compiles_optimizer(split.device, compile)
+        self.optimizer_step = torch.compile(optimizer.step) if compile_optimizer else optimizer.step
         self.graph = None
         if cuda_graph:
             self._capture(batch_size)
+        elif compile:
+            # Compile now, on one throw-away step, so that compilation is not counted as (or mixed into) the
+            # first epoch's training time.
+            with self._undone_afterwards():
+                self(torch.arange(batch_size, device=split.device), torch.ones((), device=split.device))
+
+    @contextlib.contextmanager
+    def _undone_afterwards(self):
+        """Run warm-up steps, then put the weights, Adam's state and the random streams back as they were.
+
+        In place: a captured graph has recorded these tensors' addresses. (The trainer loads the initial or
+        resumed state after this, also in place.)
+        """
+        params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        gens = [g for g in (self.noise_generator, self.binarize_generator) if g is not None]
+        gen_states = [g.get_state() for g in gens]
+        try:
+            yield
+        finally:  # also when compilation fails, so that the caller can fall back to eager on the same state
+            with torch.no_grad():
+                for k, v in self.model.state_dict().items():
+                    v.copy_(params[k])
+            reset_optimizer_state_(self.optimizer)
+            for g, s in zip(gens, gen_states):
+                g.set_state(s)
 
     def _body(self, idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
         x = self.split.batch(idx, self.binarize_generator)
         noise = sample_gumbel(self.noise_shape, generator=self.noise_generator, device=x.device)
         loss, bce, kl = self.loss_fn(self.model, x, noise, tau, self.hard)
         loss.backward()
-        self.optimizer.step()
+        self.optimizer_step()
         return torch.stack((loss, bce, kl)).detach()
 
     def __call__(self, idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
@@ -103,35 +144,27 @@ class TrainStep:
     def _capture(self, batch_size: int) -> None:
         """Whole-step capture, following PyTorch's recipe: warm up on a side stream, then capture.
 
-        Warm-up steps really update the weights and Adam's moments, so they are undone afterwards (in place:
-        the graph has recorded these tensors' addresses). The trainer loads the initial or resumed state after
-        this, also in place. The generators are registered with the graph so each replay draws fresh noise.
+        Warm-up steps really update the weights and Adam's moments, so they are undone afterwards. The
+        generators are registered with the graph so each replay draws fresh noise.
         """
         device = self.split.device
         self.static_idx = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.static_tau = torch.ones((), device=device)
-        params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-        gen_states = [g.get_state() for g in (self.noise_generator, self.binarize_generator) if g is not None]
-        side = torch.cuda.Stream(device)
-        side.wait_stream(torch.cuda.current_stream(device))
-        with torch.cuda.stream(side):
-            for _ in range(3):
-                self.optimizer.zero_grad(set_to_none=True)
-                self._body(self.static_idx, self.static_tau)
-        torch.cuda.current_stream(device).wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        for g in (self.noise_generator, self.binarize_generator):
-            if g is not None:
-                self.graph.register_generator_state(g)
-        self.optimizer.zero_grad(set_to_none=True)
-        with torch.cuda.graph(self.graph):
-            self.static_stats = self._body(self.static_idx, self.static_tau)
-        with torch.no_grad():
-            for k, v in self.model.state_dict().items():
-                v.copy_(params[k])
-        reset_optimizer_state_(self.optimizer)
-        for g, s in zip([g for g in (self.noise_generator, self.binarize_generator) if g is not None], gen_states):
-            g.set_state(s)
+        with self._undone_afterwards():
+            side = torch.cuda.Stream(device)
+            side.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(side):
+                for _ in range(3):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._body(self.static_idx, self.static_tau)
+            torch.cuda.current_stream(device).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            for g in (self.noise_generator, self.binarize_generator):
+                if g is not None:
+                    self.graph.register_generator_state(g)
+            self.optimizer.zero_grad(set_to_none=True)
+            with torch.cuda.graph(self.graph):
+                self.static_stats = self._body(self.static_idx, self.static_tau)
 
 
 def reset_optimizer_state_(optimizer) -> None:
