@@ -36,7 +36,7 @@ def pick_modes(device: torch.device, compile: Optional[bool], cuda_graph: Option
     """Resolve `null` (auto) and refuse, with a warning rather than a crash, what the device cannot do."""
     on_cuda = device.type == "cuda"
     # Auto: on CUDA, compile and capture the whole step as one CUDA graph: this tiny model is bound by kernel
-    # launches there (on an H100: 1.0 s an epoch eager or compiled, 0.13 s both; README, Speed). On a CPU neither:
+    # launches there (on an H100: 1.05 s an epoch eager or compiled, 0.10 s both; README, Speed). On a CPU neither:
     # the compile time (tens of seconds on two cores) is not repaid by a default-length run.
     compile = on_cuda if compile is None else compile
     cuda_graph = on_cuda if cuda_graph is None else cuda_graph
