@@ -46,4 +46,4 @@ def test_compiled_training_agrees_with_eager_on_cpu():
 def test_modes_resolve_per_device_and_refuse_what_cannot_run():
     assert pick_modes(CPU, None, None) == (False, False)          # auto on a CPU: eager
     assert pick_modes(CPU, True, True) == (True, False)           # no CUDA graphs without CUDA: warned, not fatal
-    assert pick_modes(torch.device("cuda"), None, None) == (True, True)           # auto on CUDA: compile + graph
+    assert pick_modes(torch.device("cuda"), None, None) == (True, True)  # auto on CUDA: compile + CUDA graph

@@ -137,8 +137,7 @@ def test_bench_runs_every_mode_on_cuda(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
     proc = run_script([f"data.root={tiny_data}", "data.verify=false", "device=cuda", "steps=6", "warmup_steps=3",
                        "rounds=2", "modes=[eager,compile,cuda_graph,compile+cuda_graph]", f"out={out}"],
-                      script="vae.bench",
-                      timeout=600)
+                      script="vae.bench", timeout=600)
     assert proc.returncode == 0, proc.stderr
     rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"eager", "compile", "cuda_graph", "compile+cuda_graph", "baseline"}
