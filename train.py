@@ -32,7 +32,7 @@ from vae.atomic import remove_stray_temporaries
 from vae.config import resolve_device, validate
 from vae.data import load_splits
 from vae.device_data import make_splits
-from vae.engine import TrainStep, configure_device, load_optimizer_state_, make_optimizer, pick_modes
+from vae.engine import TrainStep, configure_device, load_optimizer_state_, make_optimizer, pick_modes, set_lr_
 from vae.errors import TrainingDiverged, UserError, exit_with
 from vae.gumbel import one_hot_argmax, sample_gumbel
 from vae.model import CategoricalVAE
@@ -136,8 +136,7 @@ def train(cfg: DictConfig) -> float:
             v.copy_(resumed["model"][k] if resumed else initial_weights[k])
     if resumed:
         load_optimizer_state_(optimizer, resumed["optimizer"])
-        for group in optimizer.param_groups:  # the saved state carries the old lr; `resume=... lr=...` changes it
-            group["lr"] = cfg.lr
+        set_lr_(optimizer, cfg.lr)  # the saved state carries the old lr; `resume=... lr=...` changes it
         epoch, epoch_step, step = resumed["epoch"], resumed["epoch_step"], resumed["step"]
         best = resumed["best_test_loss"]
         for name, g in gens.items():

@@ -3,7 +3,7 @@ import torch
 
 from vae import metrics
 from vae.device_data import DeviceSplit
-from vae.engine import TrainStep, make_optimizer, pick_modes
+from vae.engine import TrainStep, make_optimizer, pick_modes, set_lr_
 from vae.model import CategoricalVAE
 
 CPU = torch.device("cpu")
@@ -47,3 +47,17 @@ def test_modes_resolve_per_device_and_refuse_what_cannot_run():
     assert pick_modes(CPU, None, None) == (False, False)          # auto on a CPU: eager
     assert pick_modes(CPU, True, True) == (True, False)           # no CUDA graphs without CUDA: warned, not fatal
     assert pick_modes(torch.device("cuda"), None, None) == (True, True)  # auto on CUDA: compile + CUDA graph
+
+
+def test_set_lr_writes_a_tensor_learning_rate_in_place():
+    # A captured CUDA graph reads the learning-rate tensor it was captured with: it must be changed in place. A float
+    # (or a tensor on another device, as loaded from a GPU checkpoint into a CPU run) is replaced by value.
+    model = torch.nn.Linear(2, 2)
+    lr = torch.tensor(0.1)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
+    set_lr_(optimizer, 0.5)
+    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.5
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
+    optimizer.param_groups[0]["lr"] = torch.tensor(0.1, device="meta")
+    set_lr_(optimizer, 0.2)
+    assert optimizer.param_groups[0]["lr"] == 0.2

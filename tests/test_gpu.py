@@ -11,7 +11,7 @@ import torch
 
 from conftest import run_script, run_train, tiny_overrides
 from vae.device_data import DeviceSplit
-from vae.engine import TrainStep, batch_loss, make_optimizer
+from vae.engine import TrainStep, batch_loss, make_optimizer, set_lr_
 from vae.gumbel import sample_gumbel
 from vae.model import CategoricalVAE
 
@@ -120,6 +120,10 @@ def test_cuda_graph_replays_draw_fresh_noise(cpu_model):
     # same noise again.
     gens["noise"].set_state(start)
     assert torch.allclose(step(idx, tau), first, rtol=1e-6, atol=0)
+    # The learning rate is read at every replay as well: raised from 0, it moves the weights with no new capture.
+    set_lr_(step.optimizer, 1e-3)
+    step(idx, tau)
+    assert not any(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
 
 
 @pytest.mark.parametrize("extra", [[], ["cuda_graph=true", "compile=false"], ["cuda_graph=true", "compile=true"]],
@@ -144,3 +148,16 @@ def test_bench_runs_every_mode_on_cuda(tiny_data, tmp_path):
     for mode, row in rows.items():
         assert row["status"] == "ok", (mode, row.get("reason"))
         assert row["images_per_s"] > 0 and row["s_per_epoch"] > 0
+
+
+def test_resume_with_a_new_lr_on_cuda(tiny_data, tmp_path):
+    # The captured step reads the learning-rate tensor it was built with; `resume=... lr=...` must reach it.
+    run_dir = tmp_path / "run"
+    first = run_train(tiny_overrides(tiny_data, run_dir, "device=cuda", "epochs=1"), timeout=600)
+    assert first.returncode == 0, first.stderr
+    last = run_dir / "checkpoints" / "last.pt"
+    proc = run_train([f"resume={last}", "epochs=2", "lr=2e-3", f"hydra.run.dir={tmp_path / 'r2'}"], timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    ckpt = torch.load(last, map_location="cpu", weights_only=True)
+    assert ckpt["epoch"] == 2 and float(ckpt["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(2e-3)
+    assert ckpt["config"]["lr"] == 2e-3

@@ -73,12 +73,28 @@ def make_optimizer(model, lr: float, device: torch.device, cuda_graph: bool, com
     # of 65,536, about 19 thread blocks on a 132-SM GPU: 0.07 ms, the largest kernel of a step on an H100. So when
     # the step is compiled, Adam is the foreach implementation compiled with it (TrainStep), which Inductor turns
     # into a few wide kernels. `capturable` keeps the step counter on the device so a captured graph advances it.
+    # For a captured step the learning rate is a 0-d device tensor, like tau: every replay reads it, so `set_lr_`
+    # changes it without a new capture (a float would be baked into the graph).
+    if cuda_graph and device.type == "cuda":
+        lr = torch.tensor(lr, device=device)
     if compiles_optimizer(device, compile):
         return torch.optim.Adam(model.parameters(), lr=lr, foreach=True, capturable=True)
     kwargs = dict(fused=True)
     if device.type == "cuda":
         kwargs["capturable"] = cuda_graph
     return torch.optim.Adam(model.parameters(), lr=lr, **kwargs)
+
+
+def set_lr_(optimizer, lr: float) -> None:
+    """Set every group's learning rate; in place where it is a tensor on the parameters' device (a captured graph
+    reads that tensor). Anything else, such as a CUDA tensor loaded from a checkpoint into a CPU run, is replaced."""
+    for group in optimizer.param_groups:
+        current = group["lr"]
+        if torch.is_tensor(current) and current.device == group["params"][0].device:
+            with torch.no_grad():
+                current.fill_(lr)
+        else:
+            group["lr"] = lr
 
 
 class TrainStep:
