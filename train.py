@@ -28,12 +28,13 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 
 from vae import checkpoint as ckpt_io
 from vae import metrics
-from vae.atomic import remove_stray_temporaries
+from vae.atomic import atomic_write_text, remove_stray_temporaries
 from vae.config import resolve_device, validate
 from vae.data import load_splits
 from vae.device_data import make_splits
-from vae.engine import TrainStep, configure_device, load_optimizer_state_, make_optimizer, pick_modes, set_lr_
-from vae.errors import TrainingDiverged, UserError, exit_with
+from vae.engine import (TrainStep, configure_device, load_optimizer_state_, make_generators, make_optimizer,
+                        pick_modes, set_lr_)
+from vae.errors import TrainingDiverged, UserError, describe, exit_with
 from vae.gumbel import one_hot_argmax, sample_gumbel
 from vae.model import CategoricalVAE
 from vae.schedule import tau_for
@@ -57,13 +58,6 @@ class StopFlag:
         if self.signum is not None:  # a second Ctrl-C while saving: let the user know we heard it
             print("\nstill saving the checkpoint, please wait...", file=sys.stderr, flush=True)
         self.signum = signum
-
-
-def make_generators(seed: int, device: torch.device) -> dict:
-    """Independent seeded streams: a change in one (e.g. binarization on/off) does not shift the others."""
-    seeds = torch.randint(2**62, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
-    names = ("shuffle", "noise", "binarize", "eval")
-    return {n: torch.Generator(device=device).manual_seed(s) for n, s in zip(names, seeds)}
 
 
 def train(cfg: DictConfig) -> float:
@@ -117,9 +111,8 @@ def train(cfg: DictConfig) -> float:
     except Exception as e:  # torch.compile needs a working C++ compiler (CPU) or Triton (CUDA)
         if not compile_mode:
             raise
-        reason = (str(e).strip().splitlines() or [""])[0][:200]
-        log.warning("compile=true failed here (%s: %s); training without torch.compile (set compile=false to skip "
-                    "the attempt)", type(e).__name__, reason)
+        log.warning("compile=true failed here (%s); training without torch.compile (set compile=false to skip "
+                    "the attempt)", describe(e))
         compile_mode = False
         optimizer, train_step = build_step(compile_mode)
     build_seconds = time.perf_counter() - t_build
@@ -280,7 +273,7 @@ def train(cfg: DictConfig) -> float:
     log_hparams(writer, cfg, {"test/loss": results["test_loss"], "test/elbo_discrete": results["test_elbo_discrete"]})
     writer.close()
     results["overrides"] = list(hydra_cfg.overrides.task)
-    (run_dir / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
+    atomic_write_text(run_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
     log.info("done: test loss %.2f nats/image; %.2f s of training steps; checkpoints in %s", results["test_loss"],
              train_seconds, ckpt_dir)
     return results["test_loss"]

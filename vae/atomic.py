@@ -54,6 +54,11 @@ def atomic_write(dest: Path, write: Callable[[BinaryIO], Any]) -> None:
     fsync_dir(dest.parent)
 
 
+def atomic_write_text(dest: Path, text: str) -> None:
+    """`dest` holds `text` (UTF-8) in full or keeps what it held: metrics, summaries and other small text files."""
+    atomic_write(dest, lambda f: f.write(text.encode()))
+
+
 def remove_stray_temporaries(directory: Path) -> list:
     """Temporary files left by a process killed mid-write; they are never read, so remove them."""
     directory = Path(directory)

@@ -54,9 +54,9 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write
+from vae.atomic import atomic_write_text
 from vae.config import CONFIG_DIR, Config, DataConfig, check, resolve_device, validate_ranges
-from vae.errors import UserError, exit_with
+from vae.errors import UserError, describe, exit_with
 from vae.schedule import tau_for
 
 log = logging.getLogger("vae.bench")
@@ -169,7 +169,7 @@ class TrainerRun:
     """train.py's inner loop over a DeviceSplit, with TrainStep in one mode; state carries across `run` calls."""
 
     def __init__(self, cfg: DictConfig, split, device: torch.device, compile: bool, cuda_graph: bool):
-        from vae.engine import TrainStep
+        from vae.engine import TrainStep, make_generators
         from vae.model import CategoricalVAE
 
         self.cfg, self.split, self.device = cfg, split, device
@@ -180,10 +180,7 @@ class TrainerRun:
         self.model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim, cfg.prior).to(device)
         initial = {k: v.clone() for k, v in self.model.state_dict().items()}
         self.optimizer = make_adam(self.model, cfg, device, cuda_graph, compile)
-        # Independent seeded streams, as train.make_generators.
-        seeds = torch.randint(2**62, (4,), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
-        self.gens = {n: torch.Generator(device=device).manual_seed(s)
-                     for n, s in zip(("shuffle", "noise", "binarize", "eval"), seeds)}
+        self.gens = make_generators(cfg.seed, device)
         self.step_fn = TrainStep(self.model, self.optimizer, split, batch_size=cfg.batch_size, hard=cfg.hard,
                                  noise_generator=self.gens["noise"],
                                  binarize_generator=self.gens["binarize"] if split.binarize == "dynamic" else None,
@@ -307,11 +304,6 @@ class Row:
         log.warning("%s: %s", self.mode, reason if status == "n/a" else f"{status}: {reason}")
 
 
-def _one_line(e: BaseException, limit: int = 200) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
-
-
 def block_sizes(steps: int, rounds: int) -> List[int]:
     """`steps` split into at most `rounds` blocks of near-equal size (none empty)."""
     rounds = min(rounds, steps)
@@ -380,7 +372,7 @@ def build_rows(cfg: DictConfig, device: torch.device) -> List[Row]:
         try:
             row.runner, row.compile_s = timer(build)
         except Exception as e:  # a mode that cannot run here is reported, never fatal
-            row.skip("failed", _one_line(e))
+            row.skip("failed", describe(e))
     if cfg.baseline:
         row = Row("baseline")
         log.info("baseline: building and warming up (%d steps)", warmup)
@@ -393,7 +385,7 @@ def build_rows(cfg: DictConfig, device: torch.device) -> List[Row]:
         try:
             row.runner, row.compile_s = timer(build_baseline)
         except Exception as e:
-            row.skip("failed", _one_line(e))
+            row.skip("failed", describe(e))
         rows.append(row)
     return rows
 
@@ -414,7 +406,7 @@ def time_rows(cfg: DictConfig, rows: List[Row], device: torch.device) -> None:
             try:
                 images, seconds = timer(lambda: row.runner.run(n))
             except Exception as e:
-                row.skip("failed", _one_line(e))
+                row.skip("failed", describe(e))
                 continue
             row.blocks.append((n, images, seconds))
         log.info("round %d/%d: %s", r + 1, cfg.rounds, ", ".join(
@@ -558,7 +550,7 @@ def bench(cfg: DictConfig) -> Dict[str, Any]:
     print(format_table(result))
     if out is not None:
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     return result
 

@@ -98,6 +98,11 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
         raise UserError(f"{key}={value!r} is not allowed: {allowed} (set it on the command line, e.g. {key}=...)")
 
 
+def check_device_name(name: Any) -> None:
+    """`device` is spelled as resolve_device understands it (whether that device exists is resolve_device's job)."""
+    check(name in ("auto", "cpu") or str(name).startswith("cuda"), "device", name, "auto, cpu, cuda or cuda:N")
+
+
 def validate_ranges(cfg: DictConfig) -> None:
     """Range checks on the values alone (no file system, no devices)."""
     def finite(v: float) -> bool:
@@ -120,8 +125,7 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(cfg.recon_images >= 1, "recon_images", cfg.recon_images, "must be an integer >= 1")
     check(cfg.prior_samples >= 1, "prior_samples", cfg.prior_samples, "must be an integer >= 1")
     check(cfg.prior in PRIORS, "prior", cfg.prior, f"one of {', '.join(PRIORS)}")
-    check(cfg.device == "auto" or cfg.device == "cpu" or str(cfg.device).startswith("cuda"), "device",
-           cfg.device, "auto, cpu, cuda or cuda:N")
+    check_device_name(cfg.device)
     check(cfg.data.name in DATASETS, "data.name", cfg.data.name,
            f"one of {', '.join(DATASETS)} (choose with data=mnist or data=fashion_mnist)")
     check(cfg.data.binarize in BINARIZE, "data.binarize", cfg.data.binarize, f"one of {', '.join(BINARIZE)}")

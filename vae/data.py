@@ -56,7 +56,7 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Sequ
 import numpy as np
 import torch
 
-from vae.atomic import TMP_PREFIX, atomic_write, fsync_dir, write_temp
+from vae.atomic import TMP_PREFIX, atomic_write_text, fsync_dir, write_temp
 from vae.errors import UserError, exit_with
 
 logger = logging.getLogger(__name__)
@@ -252,7 +252,7 @@ def _trusted(entry: Optional[dict], st: os.stat_result, cache_mtime_ns: int, exp
 def _save_cache(raw: Path, files: Dict[str, dict]) -> None:
     # Best effort: without the cache the next run only costs a re-hash.
     try:
-        atomic_write(raw / CACHE_NAME, lambda f: f.write(json.dumps({"files": files}, indent=1).encode()))
+        atomic_write_text(raw / CACHE_NAME, json.dumps({"files": files}, indent=1))
     except OSError as e:
         logger.debug("data: could not write %s: %s", raw / CACHE_NAME, e)
 
@@ -306,8 +306,10 @@ class _Target:
     def check(self, path: Path, name: str) -> Optional[str]:
         """Structure, then MD5 unless verify=false. Returns the md5 when computed; raises _BadFile / mismatch."""
         _check_structure(path, name)
-        if not self.verify:
-            return None
+        return self.md5(path, name) if self.verify else None
+
+    def md5(self, path: Path, name: str) -> str:
+        """The file's md5, which must be the official one for `name`; raises _ChecksumMismatch otherwise."""
         actual = file_digest(path, "md5", self.progress)
         if actual != self.checksums[name]:
             raise _ChecksumMismatch(name, actual, self.checksums[name])
@@ -353,11 +355,8 @@ def _check_local(t: _Target, write_cache: bool = True) -> List[str]:
                 if _trusted(entry, st, cache_mtime, t.checksums[name]):
                     fresh[name] = entry
                     continue
-                actual = file_digest(path, "md5", t.progress)
                 hashed = True
-                if actual != t.checksums[name]:
-                    raise _ChecksumMismatch(name, actual, t.checksums[name])
-                fresh[name] = dict(_stamp(st), md5=actual)
+                fresh[name] = dict(_stamp(st), md5=t.md5(path, name))
         except _BadFile as e:
             raise DataError(f"{path} is damaged: {e}; delete it and {t.ds.rerun}") from None
         except _ChecksumMismatch as e:

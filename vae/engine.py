@@ -62,6 +62,13 @@ def configure_device(device: torch.device, tf32: bool, threads=None) -> None:
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+def make_generators(seed: int, device: torch.device) -> dict:
+    """Independent seeded streams: a change in one (e.g. binarization on/off) does not shift the others."""
+    seeds = torch.randint(2**62, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
+    names = ("shuffle", "noise", "binarize", "eval")
+    return {n: torch.Generator(device=device).manual_seed(s) for n, s in zip(names, seeds)}
+
+
 def compiles_optimizer(device: torch.device, compile: bool) -> bool:
     """Whether the compiled step also compiles Adam (CUDA only; see make_optimizer)."""
     return compile and device.type == "cuda"

@@ -18,6 +18,12 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+def describe(e: BaseException, limit: int = 200) -> str:
+    """`Type: first line of the message`, for a failure that is reported and worked around rather than raised."""
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
+
+
 def exit_with(error: UserError) -> None:
     # A traceback helps nobody fix a typo in a setting; keep it for those who ask (Hydra's convention).
     if os.environ.get("HYDRA_FULL_ERROR") == "1":

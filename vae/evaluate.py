@@ -28,9 +28,9 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from vae import metrics
-from vae.atomic import atomic_write
+from vae.atomic import atomic_write, atomic_write_text
 from vae.checkpoint import check_model_state, load_checkpoint
-from vae.config import CONFIG_DIR, DataConfig, check_writable, resolve_device
+from vae.config import CONFIG_DIR, DataConfig, check_device_name, check_writable, resolve_device
 from vae.device_data import DeviceSplit, make_splits
 from vae.errors import UserError, exit_with
 from vae.gumbel import sample_categorical
@@ -68,8 +68,7 @@ def validate(cfg: DictConfig) -> None:
         if cfg[key] < minimum:
             raise UserError(f"{key}={cfg[key]!r} is not allowed: must be an integer >= {minimum} ({meaning}); "
                             f"set it on the command line, e.g. {key}={getattr(EvaluateConfig, key)}")
-    if not (cfg.device in ("auto", "cpu") or str(cfg.device).startswith("cuda")):
-        raise UserError(f"device={cfg.device!r} is not allowed: auto, cpu, cuda or cuda:N")
+    check_device_name(cfg.device)
 
 
 def build_model(ckpt: Dict[str, Any], path: Path) -> CategoricalVAE:
@@ -194,7 +193,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     }
     result["images"] = save_images(model, test, cfg, generator(), prefix)
     metrics_path = prefix.with_name(prefix.name + ".metrics.json")
-    atomic_write(metrics_path, lambda f: f.write((json.dumps(result, indent=2) + "\n").encode()))
+    atomic_write_text(metrics_path, json.dumps(result, indent=2) + "\n")
     print(format_table(result))
     print(f"wrote {metrics_path}")
     return result

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import logging
 import math
@@ -24,6 +25,8 @@ from typing import Any, Dict, List, Optional
 
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
+
+from vae.atomic import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -151,15 +154,14 @@ def _row(job: Job, columns: List[str]) -> Dict[str, Any]:
 
 def write_csv(jobs: List[Job], path: Path, sweep_dir: Path) -> None:
     columns = _columns(jobs)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow([*columns, "overrides", "dir"])
-        for job in ranked(jobs):
-            row = _row(job, columns)
-            writer.writerow([*("" if row[c] is None else row[c] for c in columns),
-                             " ".join(job.overrides), str(job.dir.relative_to(sweep_dir))])
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([*columns, "overrides", "dir"])
+    for job in ranked(jobs):
+        row = _row(job, columns)
+        writer.writerow([*("" if row[c] is None else row[c] for c in columns),
+                         " ".join(job.overrides), str(job.dir.relative_to(sweep_dir))])
+    atomic_write_text(path, text.getvalue())
 
 
 def table(jobs: List[Job]) -> str:
@@ -199,9 +201,7 @@ def summarize(sweep_dir, echo: bool = True) -> List[Job]:
     lines.append(f"Compare the runs: tensorboard --logdir {sweep_dir}")
     text = "\n".join(lines) + "\n"
     write_csv(jobs, sweep_dir / "summary.csv", sweep_dir)
-    tmp = sweep_dir / "summary.md.tmp"
-    tmp.write_text(text)
-    tmp.replace(sweep_dir / "summary.md")
+    atomic_write_text(sweep_dir / "summary.md", text)
     if echo:
         print("\n" + text + f"Written: {sweep_dir / 'summary.csv'} and summary.md", flush=True)
     return jobs
