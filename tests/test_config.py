@@ -6,7 +6,8 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import run_train, tiny_overrides
-from vae.config import CONFIG_DIR, validate
+from vae.checks import validate
+from vae.config import CONFIG_DIR
 from vae.errors import UserError
 
 

@@ -4,6 +4,7 @@ import torch
 from vae import metrics
 from vae.device_data import DeviceSplit
 from vae.engine import TrainStep, make_optimizer, pick_modes, set_lr_
+from vae.estimators import make_estimator
 from vae.model import CategoricalVAE
 
 CPU = torch.device("cpu")
@@ -19,14 +20,14 @@ def train_tiny(compile: bool, steps: int = 30, batch_size: int = 20):
     split = DeviceSplit(images, CPU)
     model = CategoricalVAE(6, 4)
     optimizer = make_optimizer(model, 3e-3, CPU, cuda_graph=False)
-    step = TrainStep(model, optimizer, split, batch_size=batch_size, hard=False,
+    step = TrainStep(model, optimizer, split, batch_size=batch_size, estimator=make_estimator("gumbel"),
                      noise_generator=torch.Generator().manual_seed(2), binarize_generator=None, compile=compile)
     perm = torch.randperm(split.n, generator=torch.Generator().manual_seed(3))
     tau = torch.tensor(0.7)
     losses = []
     for i in range(steps):
         start = (i * batch_size) % split.n
-        losses.append(step(perm[start:start + batch_size], tau)[0].item())
+        losses.append(step(perm[start:start + batch_size], tau)[0][0].item())
     test = metrics.evaluate_split(model, split, tau=0.7, hard=False, generator=torch.Generator().manual_seed(4),
                                   batch_size=100)
     return losses, test["loss"]

@@ -1,40 +1,17 @@
-"""Training speed on one device: this trainer's step in each fast mode against a textbook port, in one run.
+"""Training speed on one device: the trainer's own loop in each fast mode against a textbook port, in one run.
 
-    python -m vae.bench                                   # every mode this device has, 1 epoch timed per mode
+    python -m vae.bench                                   # every mode this device has, 3 epochs timed per mode
     python -m vae.bench epochs=0.1                        # time a tenth of an epoch per mode and extrapolate
     python -m vae.bench device=cuda modes=[eager,compile+cuda_graph] out=bench-h100.json
-    python -m vae.bench threads=1 adam=fused profile=true # the CPU knobs measured in the README (Speed)
+    python -m vae.bench threads=1 adam=fused profile=true
 
-Settings: configs/bench.yaml (schema `BenchConfig` below). Two kinds of rows:
-
-* Our trainer (`eager`, `compile`, `cuda_graph`, `compile+cuda_graph`): exactly the inner loop of train.py
-  with its default settings (batch 100, 30 x 10 latents, soft samples, Adam lr 1e-3): the training set held on
-  the device as uint8 (`vae.device_data.DeviceSplit`), one `torch.randperm` per epoch sliced into batches,
-  `vae.engine.TrainStep` built in the mode named, the temperature as a 0-d device tensor refreshed when the
-  schedule changes it, loss sums accumulated on the device, the same finiteness check and log-interval read-back
-  as train.py. The optimizer is `vae.engine.make_optimizer`'s unless `adam=` picks another Adam variant. A mode
-  this device cannot run (CUDA graphs on a CPU) is reported as "n/a" and skipped; one that fails to build (no
-  C++ compiler for torch.compile, say) is reported as "failed: <reason>" and skipped.
-* `baseline`: what the usual PyTorch ports of this model do, feeding the same model and loss:
-  `torchvision.datasets.MNIST(data.root, train=True, transform=transforms.ToTensor())` (FashionMNIST for
-  data=fashion_mnist), `DataLoader(batch_size, shuffle=True, num_workers=baseline_workers)` (each image
-  wrapped as a PIL image, turned into a float tensor in [0, 1] by ToTensor and collated, every epoch), then per
-  batch `x.to(device)`, `optimizer.zero_grad()`, `vae.model.CategoricalVAE.encode`, `vae.gumbel.gumbel_softmax` with noise from the
-  global RNG and the temperature as a Python float (the same schedule), `decode`, `vae.loss.negative_elbo`,
-  `.mean().backward()`, a default `torch.optim.Adam(lr)` step and a `loss.item()` per step (the host sync of
-  every port's progress print). A dynamic binarization draws `torch.bernoulli(x)` on the device (a static one
-  is not reproduced: the baseline then trains on grayscale targets, at the same cost). An epoch boundary inside
-  the timed steps starts a new loader iterator (a new shuffle), as in a port; the last short batch counts.
-
-Every runner is built and warmed up first (`warmup_steps` steps; for compile and cuda_graph that includes the
-compilation or the capture: the "compile s" column), then the timed steps are split into `rounds` blocks run
-round-robin across the rows, so that a change in machine load hits every row alike; each row reports the median
-rate over its blocks. Timing: CUDA events around each block plus a synchronize (CUDA), `time.perf_counter`
-(CPU). Only training steps are timed (no test pass, no checkpoint, no TensorBoard). When fewer steps than an
-epoch are timed the epoch time is extrapolated, and the table says so ("steps timed" vs steps per epoch).
-
-Output: a compact table on stdout, the estimated training time of `estimate_epochs` epochs, and a JSON file
-(`out`) with the settings, device, torch version, CPU model and threads, machine load and every row.
+Settings: configs/bench.yaml (schema `BenchConfig`, which extends the trainer's `Config`). Rows: our trainer
+(`vae.trainer.Trainer.train_steps`, the loop train.py runs, in each mode: eager, compile, cuda_graph,
+compile+cuda_graph) and `baseline`, the usual port (torchvision MNIST + ToTensor + DataLoader, a `loss.item()` per
+step) feeding the same model and loss. Timed steps are split into `rounds` blocks run round-robin across the rows,
+so machine load hits every row alike; each row reports the median rate and its last block's rate over its first
+(a slowdown that appears only as training goes on shows there). docs/speed.md explains every column and the
+measured figures.
 """
 from __future__ import annotations
 
@@ -55,8 +32,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from vae.atomic import atomic_write_text
-from vae.config import CONFIG_DIR, Config, DataConfig, check, resolve_device, validate_ranges
-from vae.errors import UserError, describe, exit_with
+from vae.checks import resolve_device
+from vae.config import CONFIG_DIR, Config, check, validate_ranges
+from vae.errors import UserError, describe, entry_point
 from vae.schedule import tau_for
 
 log = logging.getLogger("vae.bench")
@@ -68,45 +46,25 @@ ADAM = ("trainer", "fused", "foreach", "for_loop")
 
 
 @dataclass
-class BenchConfig:
-    device: str = "auto"
+class BenchConfig(Config):
+    """The trainer's settings (inherited: one declaration, the trainer's defaults) plus what is timed."""
+
     modes: List[str] = field(default_factory=lambda: ["eager", "compile", "cuda_graph", "compile+cuda_graph"])
     baseline: bool = True
     baseline_workers: int = 0
-    epochs: float = 1.0
+    epochs: float = 3.0  # here: the epochs timed per row (a fraction is timed and extrapolated)
     steps: Optional[int] = None
     warmup_steps: int = 20
     rounds: int = 3
-    threads: Optional[int] = None
     adam: str = "trainer"
     estimate_epochs: int = 10
     profile: bool = False
     profile_steps: int = 10
     profile_rows: int = 12
     out: Optional[str] = None
-    # The trainer's settings (same names and defaults as configs/config.yaml).
-    latent_dim: int = 30
-    categorical_dim: int = 10
-    prior: str = "uniform"
-    hard: bool = False
-    temperature: float = 1.0
-    temp_min: float = 0.5
-    anneal_rate: float = 3e-5
-    anneal_interval: int = 100
-    batch_size: int = 100
-    lr: float = 1e-3
-    seed: int = 0
-    tf32: bool = True
-    log_interval: int = 100
-    data: DataConfig = field(default_factory=DataConfig)
 
 
 ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
-
-
-# The trainer's settings that the benchmark shares: checked by the trainer's own range checks.
-TRAINER_KEYS = ("latent_dim", "categorical_dim", "prior", "hard", "temperature", "temp_min", "anneal_rate",
-                "anneal_interval", "batch_size", "lr", "seed", "tf32", "log_interval", "device", "threads", "data")
 
 
 def validate(cfg: DictConfig) -> None:
@@ -120,7 +78,7 @@ def validate(cfg: DictConfig) -> None:
                          ("profile_steps", 1), ("profile_rows", 1)):
         check(cfg[key] >= minimum, key, cfg[key], f"an integer >= {minimum}")
     check(cfg.steps is None or cfg.steps >= 1, "steps", cfg.steps, "an integer >= 1, or null to time `epochs` epochs")
-    validate_ranges(OmegaConf.merge(OmegaConf.structured(Config), {k: cfg[k] for k in TRAINER_KEYS}))
+    validate_ranges(cfg)  # the trainer's own checks for the trainer's settings
 
 
 # --- timing --------------------------------------------------------------------------------------------------
@@ -153,139 +111,42 @@ def _sync(device: torch.device) -> None:
 
 # --- the two kinds of rows -----------------------------------------------------------------------------------
 
-def make_adam(model, cfg: DictConfig, device: torch.device, cuda_graph: bool, compile: bool):
-    """The trainer's optimizer (`adam=trainer`) or one Adam implementation chosen by name, to measure it."""
-    from vae.engine import make_optimizer
+def adam_variant(name: str):
+    """An optimizer factory with make_optimizer's signature for one Adam implementation, to measure it."""
+    kwargs = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for_loop": dict(foreach=False)}[name]
 
-    if cfg.adam == "trainer":
-        return make_optimizer(model, cfg.lr, device, cuda_graph, compile)
-    kwargs = {"fused": dict(fused=True), "foreach": dict(foreach=True), "for_loop": dict(foreach=False)}[cfg.adam]
-    if cuda_graph:
-        kwargs["capturable"] = True
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr, **kwargs)
+    def factory(model, lr, device, cuda_graph, compile):
+        return torch.optim.Adam(model.parameters(), lr=lr, **kwargs, **(dict(capturable=True) if cuda_graph else {}))
+
+    return factory
 
 
 class TrainerRun:
-    """train.py's inner loop over a DeviceSplit, with TrainStep in one mode; state carries across `run` calls."""
+    """The trainer's loop over the training split in one mode; `run(n)` continues across epochs."""
 
     def __init__(self, cfg: DictConfig, split, device: torch.device, compile: bool, cuda_graph: bool):
-        from vae.engine import TrainStep, make_generators
-        from vae.model import CategoricalVAE
+        from vae.trainer import Trainer
 
-        self.cfg, self.split, self.device = cfg, split, device
-        self.batch_size = cfg.batch_size
-        self.steps_per_epoch = split.n // cfg.batch_size  # full batches only, as train.py
+        factory = None if cfg.adam == "trainer" else adam_variant(cfg.adam)
+        self.trainer = Trainer(cfg, split, device, compile=compile, cuda_graph=cuda_graph, optimizer_factory=factory)
+        if self.trainer.compile_error is not None:  # the trainer fell back to eager: no compiled row to measure
+            raise self.trainer.compile_error
+        self.steps_per_epoch = self.trainer.steps_per_epoch
         self.images_per_epoch = self.steps_per_epoch * cfg.batch_size
-        torch.manual_seed(cfg.seed)
-        self.model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim, cfg.prior).to(device)
-        initial = {k: v.clone() for k, v in self.model.state_dict().items()}
-        self.optimizer = make_adam(self.model, cfg, device, cuda_graph, compile)
-        self.gens = make_generators(cfg.seed, device)
-        self.step_fn = TrainStep(self.model, self.optimizer, split, batch_size=cfg.batch_size, hard=cfg.hard,
-                                 noise_generator=self.gens["noise"],
-                                 binarize_generator=self.gens["binarize"] if split.binarize == "dynamic" else None,
-                                 compile=compile, cuda_graph=cuda_graph,
-                                 compile_optimizer=None if cfg.adam == "trainer" else False)
-        with torch.no_grad():  # in place: a captured graph holds these addresses
-            for k, v in self.model.state_dict().items():
-                v.copy_(initial[k])
-        self.step, self.epoch_step = 0, 0
-        self.tau = tau_for(cfg, 0)
-        self.tau_t = torch.tensor(self.tau, device=device)
-        self.epoch_sums = torch.zeros(3, device=device)
-        self.interval_sums = torch.zeros(3, device=device)
-        self.check_every = 1 if device.type == "cpu" else cfg.log_interval  # as train.py
-        self.perm = None
 
     def run(self, n: int) -> int:
         """n steps; returns the number of images trained on."""
-        cfg, bs = self.cfg, self.batch_size
-        for _ in range(n):
-            if self.perm is None or self.epoch_step == self.steps_per_epoch:
-                self.perm = torch.randperm(self.split.n, generator=self.gens["shuffle"], device=self.device)
-                self.epoch_step = 0
-                self.epoch_sums.zero_()
-            new_tau = tau_for(cfg, self.step)
-            if new_tau != self.tau:
-                self.tau = new_tau
-                self.tau_t.fill_(new_tau)
-            stats = self.step_fn(self.perm[self.epoch_step * bs:(self.epoch_step + 1) * bs], self.tau_t)
-            self.epoch_sums += stats
-            self.interval_sums += stats
-            self.step += 1
-            self.epoch_step += 1
-            if self.step % self.check_every == 0 and not torch.isfinite(self.interval_sums).all():
-                raise FloatingPointError(f"the loss became NaN/inf at step {self.step}")
-            if self.step % cfg.log_interval == 0:
-                (self.interval_sums / cfg.log_interval).tolist()  # train.py's scalars: one read-back
-                self.interval_sums.zero_()
-        return n * bs
+        t, done = self.trainer, 0
+        while done < n:
+            if t.state.epoch_step == t.steps_per_epoch:
+                t.finish_epoch()
+            done += t.train_steps(n - done)
+        return n * t.cfg.batch_size
 
     def loss(self) -> float:
         """Mean training loss over this epoch's steps so far (read after timing, for a sanity check)."""
-        return (self.epoch_sums[0] / max(self.epoch_step, 1)).item()
-
-
-class BaselineRun:
-    """The textbook port (see the module docstring): DataLoader of ToTensor images, same model and loss."""
-
-    def __init__(self, cfg: DictConfig, device: torch.device):
-        from torch.utils.data import DataLoader
-        from torchvision import datasets, transforms
-
-        from vae.model import CategoricalVAE
-
-        self.cfg, self.device = cfg, device
-        cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[cfg.data.name]
-        try:
-            self.dataset = cls(str(cfg.data.root), train=True, download=False, transform=transforms.ToTensor())
-        except RuntimeError as e:  # torchvision: "Dataset not found"
-            raise UserError(f"baseline: torchvision cannot read {cfg.data.root} ({str(e).splitlines()[0]}); "
-                            "run `python -m vae.data` first, or set baseline=false") from e
-        self.loader = DataLoader(self.dataset, batch_size=cfg.batch_size, shuffle=True,
-                                 num_workers=cfg.baseline_workers)
-        self.steps_per_epoch = len(self.loader)
-        self.images_per_epoch = len(self.dataset)
-        torch.manual_seed(cfg.seed)
-        self.model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim, cfg.prior).to(device)
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.lr)
-        self.iterator = None
-        self.step = 0
-        self.epoch_losses: List[float] = []
-
-    def _next_batch(self):
-        if self.iterator is not None:
-            batch = next(self.iterator, None)
-            if batch is not None:
-                return batch
-        self.iterator = iter(self.loader)  # the first call, or the end of an epoch: a new shuffled epoch
-        self.epoch_losses = []
-        return next(self.iterator)
-
-    def run(self, n: int) -> int:
-        from vae.gumbel import gumbel_softmax
-        from vae.loss import negative_elbo
-
-        images = 0
-        for _ in range(n):
-            x, _ = self._next_batch()
-            x = x.to(self.device).view(-1, 28 * 28)
-            if self.cfg.data.binarize == "dynamic":
-                x = torch.bernoulli(x)
-            self.optimizer.zero_grad()
-            logits = self.model.encode(x)
-            z = gumbel_softmax(logits, tau_for(self.cfg, self.step), hard=self.cfg.hard)
-            loss, _, _ = negative_elbo(self.model.decode(z), x, logits, self.model.log_prior())
-            loss = loss.mean()
-            loss.backward()
-            self.optimizer.step()
-            self.epoch_losses.append(loss.item())
-            self.step += 1
-            images += len(x)
-        return images
-
-    def loss(self) -> float:
-        return statistics.fmean(self.epoch_losses) if self.epoch_losses else float("nan")
+        s = self.trainer.state
+        return (s.epoch_sums[0] / max(s.epoch_step, 1)).item()
 
 
 # --- the run -------------------------------------------------------------------------------------------------
@@ -378,6 +239,8 @@ def build_rows(cfg: DictConfig, device: torch.device) -> List[Row]:
         log.info("baseline: building and warming up (%d steps)", warmup)
 
         def build_baseline():
+            from vae.baseline import BaselineRun
+
             runner = BaselineRun(cfg, device)
             runner.run(warmup)
             return runner
@@ -468,6 +331,7 @@ def summarize(cfg: DictConfig, rows: List[Row], device: torch.device) -> List[Di
             "estimate_epochs": cfg.estimate_epochs,
             "estimate_s": cfg.estimate_epochs * runner.images_per_epoch / ips,
             "loss": runner.loss(),
+            "last_over_first_block": rates[-1] / rates[0],
         })
         out.append(d)
     base = next((d for d in out if d["mode"] == "baseline" and d["status"] == "ok"), None)
@@ -491,15 +355,15 @@ def format_table(result: Dict[str, Any]) -> str:
         extrap = any(d["extrapolated"] for d in ok)
         lines.append(f"{what}, in up to {s['rounds']} round-robin blocks (median rate)"
                      + ("; epoch time extrapolated" if extrap else ""))
-    lines += ["", "| mode | images/s | s/epoch | compile s | speed-up vs baseline |",
-              "| --- | ---: | ---: | ---: | ---: |"]
+    lines += ["", "| mode | images/s | s/epoch | compile s | last/first block | speed-up vs baseline |",
+              "| --- | ---: | ---: | ---: | ---: | ---: |"]
     for d in result["rows"]:
         if d["status"] != "ok":
-            lines.append(f"| {d['mode']} | {d['reason']} | | | |")
+            lines.append(f"| {d['mode']} | {d['reason']} | | | | |")
             continue
         sp = f"{d['speedup_vs_baseline']:.2f}x" if d.get("speedup_vs_baseline") else "-"
         lines.append(f"| {d['mode']} | {d['images_per_s']:,.0f} | {d['s_per_epoch']:.2f} | {d['compile_s']:.1f} "
-                     f"| {sp} |")
+                     f"| {d['last_over_first_block']:.2f} | {sp} |")
     lines.append("(compile s: building the step, i.e. torch.compile or the CUDA-graph capture, plus the warm-up steps)")
     n = s["estimate_epochs"]
     for label, key in (("default setting", "default_mode"), ("fastest", "fastest_mode")):
@@ -518,7 +382,7 @@ def bench(cfg: DictConfig) -> Dict[str, Any]:
     validate(cfg)
     device = resolve_device(cfg.device)
     # Threads and TF32 as train.py sets them; process-wide, so the baseline gets them too.
-    configure_device(device, cfg.tf32, cfg.threads)
+    configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the CUDA events record on the current device's stream
     out = Path(cfg.out).expanduser() if cfg.out else None
@@ -556,11 +420,9 @@ def bench(cfg: DictConfig) -> Dict[str, Any]:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="bench", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
-    try:
-        bench(cfg)
-    except UserError as e:
-        exit_with(e)
+    bench(cfg)
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ one, so a crash or `kill -9` at any moment leaves either the old or the new file
 """
 from __future__ import annotations
 
+import logging
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -12,11 +13,13 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write
+from vae.atomic import atomic_write, remove_stray_temporaries
+from vae.config import ARCHITECTURE_KEYS, Config
 from vae.errors import UserError
 
 FORMAT = "gumbel-vae/1"
 _ABSENT = object()
+log = logging.getLogger("train")
 REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "epoch_step", "step", "tau", "rng", "config")
 
 
@@ -64,8 +67,6 @@ def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Ite
     `python train.py resume=last.pt` must continue *that* run (its `hard`, `temperature`, data settings...), not
     the defaults; `resume=last.pt epochs=20` may extend it. Settings that shape the parameters may not change.
     """
-    from vae.config import ARCHITECTURE_KEYS, Config
-
     merged = OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"])
     for item in overrides or ():
         key = item.lstrip("+~").split("=", 1)[0]
@@ -92,3 +93,21 @@ def check_model_state(ckpt: Dict[str, Any], model_state: Dict[str, torch.Tensor]
                            for k in wrong[:3]) or f"unexpected {', '.join(extra[:3])}"
         raise UserError(f"{path}: its weights do not fit the architecture its config describes ({detail}); "
                         "the file is damaged or not from this train.py")
+
+
+class RunCheckpoints:
+    """A trainer callback: `last.pt` after every epoch, `best.pt` after an epoch with a new lowest test loss."""
+
+    def __init__(self, directory: Path):
+        self.dir = Path(directory)
+        self.last = self.dir / "last.pt"
+        for stray in remove_stray_temporaries(self.dir):
+            log.info("removed %s, left by a run killed while saving", stray.name)
+
+    def save(self, trainer, name: str = "last.pt") -> None:
+        save_checkpoint(trainer.checkpoint(), self.dir / name)
+
+    def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
+        self.save(trainer, "last.pt")
+        if is_best:
+            self.save(trainer, "best.pt")

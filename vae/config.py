@@ -1,22 +1,19 @@
-"""The typed config schema, its range checks, and the Hydra hook that runs them before anything is written.
+"""The typed config schema and its range checks: the values alone, no files, no devices (those are vae/checks.py).
 
 Hydra composes `configs/config.yaml` on top of the `Config` dataclass below, so an unknown key or a wrong
-type (`temperature=abc`) fails at composition time. Range checks live in `validate()`; the trainer calls it
-from a Hydra callback (`on_run_start`), which runs before Hydra creates the run directory.
+type (`temperature=abc`) fails at composition time; `validate_ranges` gives every out-of-range value one line.
 """
 from __future__ import annotations
 
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
-from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae.errors import UserError, exit_with
+from vae.errors import UserError
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_DIR / "configs"
@@ -28,6 +25,7 @@ DATASETS = ("mnist", "fashion_mnist")
 BINARIZE = ("none", "dynamic", "static")
 PRIORS = ("uniform", "learned")
 SOURCES = ("local", "torchvision", "registry", "system")
+ESTIMATORS = ("gumbel", "st_gumbel", "st", "annealed_st", "sf", "rloo", "muprop", "gumbel_rao", "reinmax", "exact")
 
 
 @dataclass
@@ -66,6 +64,12 @@ class Config:
     anneal_rate: float = 3e-5
     anneal_interval: int = 100
     hard: bool = False
+    # The gradient estimator (docs/estimators.md); `hard=true` is the alias of estimator=st_gumbel.
+    estimator: str = "gumbel"
+    # Samples per image for rloo and gumbel_rao (null = the estimator's own default).
+    estimator_samples: Optional[int] = None
+    # Decay of the moving-average baseline of the score-function estimators.
+    baseline_decay: float = 0.99
     prior: str = "uniform"
     batch_size: int = 100
     epochs: int = 10
@@ -76,6 +80,8 @@ class Config:
     compile: Optional[bool] = None
     cuda_graph: Optional[bool] = None
     tf32: bool = True
+    # Flush subnormal floats to zero on the CPU (null = on for CPU runs; docs/speed.md).
+    flush_denormal: Optional[bool] = None
     # CPU threads for PyTorch (null = its default, one per core).
     threads: Optional[int] = None
     log_interval: int = 100
@@ -134,75 +140,16 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(cfg.eval.iw_samples >= 0, "eval.iw_samples", cfg.eval.iw_samples, "must be an integer >= 0 (0 = off)")
     check(cfg.eval.iw_chunk >= 1, "eval.iw_chunk", cfg.eval.iw_chunk, "must be an integer >= 1")
     check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be an integer >= 1")
+    check(cfg.estimator in ESTIMATORS, "estimator", cfg.estimator, f"one of {', '.join(ESTIMATORS)}")
+    check(not cfg.hard or cfg.estimator in ("gumbel", "st_gumbel"), "hard", cfg.hard,
+          f"hard=true is the alias of estimator=st_gumbel and cannot be combined with estimator={cfg.estimator}; "
+          "drop hard=true")
+    from vae.estimators import check_settings  # the estimator's own settings (samples, code-space size)
+
+    check_settings(estimator_name(cfg), cfg.estimator_samples, cfg.latent_dim, cfg.categorical_dim,
+                   cfg.baseline_decay)
 
 
-def check_writable(path: Path, key: str) -> None:
-    """The nearest existing ancestor of `path` must be a writable directory: we will create the rest."""
-    p = Path(path).absolute()
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={str(path)!r} is not writable ({p} is not a writable directory); "
-                        f"choose another with {key}=<dir> or fix its permissions")
-
-
-def resolve_device(name: str):
-    """`auto` picks CUDA when present. Asking for CUDA on a machine without one is an error, not a fallback:
-    silently training on the CPU would turn minutes into hours."""
-    import torch
-
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device={name!r} but no CUDA GPU is visible to PyTorch; use device=cpu or device=auto "
-                            "(or check the driver / `docker run --gpus all`)")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise UserError(f"device={name!r} but only {torch.cuda.device_count()} CUDA device(s) exist; "
-                            f"use device=cuda:0..{torch.cuda.device_count() - 1}")
-    return device
-
-
-def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
-             check_resume: bool = True) -> None:
-    """Everything that can be checked before a run writes its first byte.
-
-    `overrides` are the command line's (hydra.overrides.task): with `resume=`, they decide which settings may
-    differ from the checkpoint's.
-    """
-    validate_ranges(cfg)
-    resolve_device(cfg.device)
-    check_writable(Path(cfg.data.root), "data.root")
-    if output_dir is not None:
-        check_writable(Path(output_dir), "hydra.run.dir")
-    if check_resume and cfg.resume is not None:
-        from vae.checkpoint import check_model_state, load_checkpoint, resume_config
-        from vae.model import CategoricalVAE
-
-        ckpt = load_checkpoint(cfg.resume, key="resume")
-        resumed = resume_config(cfg, ckpt, overrides)
-        validate(resumed, check_resume=False)
-        model = CategoricalVAE(resumed.latent_dim, resumed.categorical_dim, resumed.prior)
-        check_model_state(ckpt, model.state_dict(), cfg.resume)
-
-
-class ValidateOnStart(Callback):
-    """Hydra calls this before it creates the run directory, so a bad setting leaves nothing behind."""
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._validate(config, config.hydra.run.dir)
-
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Per-job values are only known inside each job; train.py validates those again.
-        self._validate(config, config.hydra.sweep.dir)
-
-    @staticmethod
-    def _validate(config: DictConfig, output_dir: str) -> None:
-        task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
-        try:
-            validate(task_cfg, output_dir, list(config.hydra.overrides.task))
-        except UserError as e:
-            exit_with(e)
+def estimator_name(cfg: DictConfig) -> str:
+    """The estimator a run uses: `hard=true` (the historical switch) means straight-through Gumbel-softmax."""
+    return "st_gumbel" if cfg.hard else cfg.estimator

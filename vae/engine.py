@@ -18,26 +18,17 @@ from typing import Optional
 
 import torch
 
-from vae.gumbel import gumbel_softmax, sample_gumbel
-from vae.loss import negative_elbo
+from vae.gumbel import sample_gumbel
 
 log = logging.getLogger(__name__)
-
-
-def batch_loss(model, x: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor, hard: bool):
-    """Batch means of (loss, bce, kl) for relaxed samples drawn with the given Gumbel noise."""
-    logits = model.encode(x)
-    z = gumbel_softmax(logits, tau, hard=hard, noise=noise)
-    loss, bce, kl = negative_elbo(model.decode(z), x, logits, model.log_prior())
-    return loss.mean(), bce.mean(), kl.mean()
 
 
 def pick_modes(device: torch.device, compile: Optional[bool], cuda_graph: Optional[bool]):
     """Resolve `null` (auto) and refuse, with a warning rather than a crash, what the device cannot do."""
     on_cuda = device.type == "cuda"
     # Auto: on CUDA, compile and capture the whole step as one CUDA graph: this tiny model is bound by kernel
-    # launches there (on an H100: 1.05 s an epoch eager or compiled, 0.10 s both; README, Speed). On a CPU neither:
-    # the compile time (tens of seconds on two cores) is not repaid by a default-length run.
+    # launches there (docs/speed.md). On a CPU neither: the compile time (tens of seconds on two cores) is not
+    # repaid by a default-length run.
     compile = on_cuda if compile is None else compile
     cuda_graph = on_cuda if cuda_graph is None else cuda_graph
     if cuda_graph and not on_cuda:
@@ -52,11 +43,18 @@ def pick_modes(device: torch.device, compile: Optional[bool], cuda_graph: Option
     return compile, cuda_graph
 
 
-def configure_device(device: torch.device, tf32: bool, threads=None) -> None:
+def configure_device(device: torch.device, tf32: bool, threads=None, flush_denormal=None) -> None:
     """Process-wide math settings. (Kept out of train.py: launchers that pickle its functions by value cannot pickle
-    the `torch.backends.cudnn` module object those functions would then reference.)"""
+    the `torch.backends.cudnn` module object those functions would then reference.)
+
+    flush_denormal (null = on for a CPU run): subnormal floats, which build up in Adam's moments as training goes
+    on, take x86 CPUs' slow microcode path; flushing them to zero keeps every epoch as fast as the first
+    (docs/speed.md says what it changes numerically)."""
     if threads is not None:
         torch.set_num_threads(threads)
+    if flush_denormal is None:
+        flush_denormal = device.type == "cpu"
+    torch.set_flush_denormal(bool(flush_denormal))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
@@ -75,11 +73,10 @@ def compiles_optimizer(device: torch.device, compile: bool) -> bool:
 
 
 def make_optimizer(model, lr: float, device: torch.device, cuda_graph: bool, compile: bool = False):
-    # Fused Adam: one kernel for all parameters instead of a handful per tensor. On a 2-core CPU this cuts a step by
-    # about a fifth (python -m vae.bench adam=...). On CUDA the fused kernel cuts these 1.2 M parameters into chunks
-    # of 65,536, about 19 thread blocks on a 132-SM GPU: 0.07 ms, the largest kernel of a step on an H100. So when
-    # the step is compiled, Adam is the foreach implementation compiled with it (TrainStep), which Inductor turns
-    # into a few wide kernels. `capturable` keeps the step counter on the device so a captured graph advances it.
+    # Fused Adam: one kernel for all parameters instead of a handful per tensor (measured: docs/speed.md). On CUDA
+    # the fused kernel cuts these 1.2 M parameters into chunks of 65,536, a handful of thread blocks on a big GPU:
+    # so when the step is compiled, Adam is the foreach implementation compiled with it (TrainStep), which Inductor
+    # turns into a few wide kernels. `capturable` keeps the step counter on the device so a captured graph advances it.
     # For a captured step the learning rate is a 0-d device tensor, like tau: every replay reads it, so `set_lr_`
     # changes it without a new capture (a float would be baked into the graph).
     if cuda_graph and device.type == "cuda":
@@ -105,16 +102,19 @@ def set_lr_(optimizer, lr: float) -> None:
 
 
 class TrainStep:
-    """`step(idx, tau) -> tensor([loss, bce, kl])` (batch means, on the device, no host sync)."""
+    """`step(idx, tau, grad_norm) -> (tensor([loss, bce, kl]), encoder gradient norm or None)`: batch means, on the
+    device, no host sync. The estimator (vae/estimators.py) turns the batch and pre-drawn Gumbel noise into the loss
+    whose gradient is used."""
 
-    def __init__(self, model, optimizer, split, *, batch_size: int, hard: bool, noise_generator,
+    def __init__(self, model, optimizer, split, *, batch_size: int, estimator, noise_generator,
                  binarize_generator, compile: bool = False, cuda_graph: bool = False,
                  compile_optimizer: Optional[bool] = None):
         self.model, self.optimizer, self.split = model, optimizer, split
-        self.hard = hard
+        self.estimator = estimator
         self.noise_generator, self.binarize_generator = noise_generator, binarize_generator
-        self.noise_shape = (batch_size, model.latent_dim, model.categorical_dim)
-        self.loss_fn = torch.compile(batch_loss, dynamic=False) if compile else batch_loss
+        self.noise_shape = estimator.noise_shape(batch_size, model.latent_dim, model.categorical_dim)
+        self.encoder_params = list(model.encoder.parameters())
+        self.loss_fn = torch.compile(estimator.batch_loss, dynamic=False) if compile else estimator.batch_loss
         if compile_optimizer is None:  # None: as make_optimizer decided for this device and mode
             compile_optimizer = compiles_optimizer(split.device, compile)
         self.optimizer_step = torch.compile(optimizer.step) if compile_optimizer else optimizer.step
@@ -125,7 +125,7 @@ class TrainStep:
             # Compile now, on one throw-away step, so that compilation is not counted as (or mixed into) the
             # first epoch's training time.
             with self._undone_afterwards():
-                self(torch.arange(batch_size, device=split.device), torch.ones((), device=split.device))
+                self(torch.arange(batch_size, device=split.device), torch.ones((), device=split.device), True)
 
     @contextlib.contextmanager
     def _undone_afterwards(self):
@@ -137,6 +137,7 @@ class TrainStep:
         params = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         gens = [g for g in (self.noise_generator, self.binarize_generator) if g is not None]
         gen_states = [g.get_state() for g in gens]
+        estimator_state = {k: v.clone() for k, v in self.estimator.state_dict().items()}
         try:
             yield
         finally:  # also when compilation fails, so that the caller can fall back to eager on the same state
@@ -146,23 +147,27 @@ class TrainStep:
             reset_optimizer_state_(self.optimizer)
             for g, s in zip(gens, gen_states):
                 g.set_state(s)
+            self.estimator.load_state_dict(estimator_state)
 
-    def _body(self, idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    def _body(self, idx: torch.Tensor, tau: torch.Tensor, grad_norm: bool):
         x = self.split.batch(idx, self.binarize_generator)
         noise = sample_gumbel(self.noise_shape, generator=self.noise_generator, device=x.device)
-        loss, bce, kl = self.loss_fn(self.model, x, noise, tau, self.hard)
-        loss.backward()
+        surrogate, loss, bce, kl = self.loss_fn(self.model, x, noise, tau)
+        surrogate.backward()
+        norm = None
+        if grad_norm:  # read before Adam's step; only on the steps that log it (on CUDA graphs: every replay)
+            norm = torch.nn.utils.get_total_norm([p.grad for p in self.encoder_params if p.grad is not None])
         self.optimizer_step()
-        return torch.stack((loss, bce, kl)).detach()
+        return torch.stack((loss, bce, kl)).detach(), norm
 
-    def __call__(self, idx: torch.Tensor, tau: torch.Tensor) -> torch.Tensor:
+    def __call__(self, idx: torch.Tensor, tau: torch.Tensor, grad_norm: bool = False):
         if self.graph is not None:
             self.static_idx.copy_(idx)
             self.static_tau.copy_(tau)
             self.graph.replay()
-            return self.static_stats.clone()
+            return self.static_stats.clone(), self.static_norm.clone()
         self.optimizer.zero_grad(set_to_none=True)
-        return self._body(idx, tau)
+        return self._body(idx, tau, grad_norm)
 
     def _capture(self, batch_size: int) -> None:
         """Whole-step capture, following PyTorch's recipe: warm up on a side stream, then capture.
@@ -179,7 +184,7 @@ class TrainStep:
             with torch.cuda.stream(side):
                 for _ in range(3):
                     self.optimizer.zero_grad(set_to_none=True)
-                    self._body(self.static_idx, self.static_tau)
+                    self._body(self.static_idx, self.static_tau, True)
             torch.cuda.current_stream(device).wait_stream(side)
             self.graph = torch.cuda.CUDAGraph()
             for g in (self.noise_generator, self.binarize_generator):
@@ -187,7 +192,7 @@ class TrainStep:
                     self.graph.register_generator_state(g)
             self.optimizer.zero_grad(set_to_none=True)
             with torch.cuda.graph(self.graph):
-                self.static_stats = self._body(self.static_idx, self.static_tau)
+                self.static_stats, self.static_norm = self._body(self.static_idx, self.static_tau, True)
 
 
 def reset_optimizer_state_(optimizer) -> None:

@@ -1,4 +1,9 @@
-"""Errors a user can act on, and the one place that turns them into a clean exit."""
+"""Errors a user can act on, the one helper that makes any exception one line, and the one wrapper that turns them
+into a clean exit for every command-line entry point."""
+from __future__ import annotations
+
+import functools
+import logging
 import os
 import sys
 
@@ -19,7 +24,7 @@ class TrainingDiverged(UserError):
 
 
 def describe(e: BaseException, limit: int = 200) -> str:
-    """`Type: first line of the message`, for a failure that is reported and worked around rather than raised."""
+    """`Type: first line of the message`: how any failure that is reported (rather than raised) reads."""
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
 
@@ -30,3 +35,28 @@ def exit_with(error: UserError) -> None:
         raise error
     print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
+
+
+def _in_multirun() -> bool:
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
+
+
+def entry_point(task):
+    """Wrap a Hydra task (`@hydra.main` above, this below): a `UserError` becomes one line on stderr and its exit
+    status. In a sweep the error is logged and re-raised instead, so that one bad job does not end the others
+    (Hydra's launcher records the failure; a sweeper such as Optuna marks the trial failed and goes on)."""
+
+    @functools.wraps(task)
+    def wrapper(cfg):
+        try:
+            return task(cfg)
+        except UserError as e:
+            if _in_multirun():
+                logging.getLogger(task.__module__).error("error: %s", e)
+                raise
+            exit_with(e)
+
+    return wrapper

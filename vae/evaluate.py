@@ -30,9 +30,10 @@ from tqdm import tqdm
 from vae import metrics
 from vae.atomic import atomic_write, atomic_write_text
 from vae.checkpoint import check_model_state, load_checkpoint
-from vae.config import CONFIG_DIR, DataConfig, check_device_name, check_writable, resolve_device
+from vae.checks import check_writable, resolve_device
+from vae.config import CONFIG_DIR, DataConfig, check_device_name
 from vae.device_data import DeviceSplit, make_splits
-from vae.errors import UserError, exit_with
+from vae.errors import UserError, entry_point
 from vae.gumbel import sample_categorical
 from vae.model import CategoricalVAE
 
@@ -49,6 +50,8 @@ class EvaluateConfig:
     prior_samples: int = 64
     prior_nrow: int = 8
     data_root: Optional[str] = None
+    # Flush subnormal floats to zero on the CPU (null = on for CPU runs), as in training.
+    flush_denormal: Optional[bool] = None
 
 
 ConfigStore.instance().store(name="evaluate_schema", node=EvaluateConfig)
@@ -156,8 +159,11 @@ def format_table(result: Dict[str, Any]) -> str:
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, Any]:
+    from vae.engine import configure_device
+
     validate(cfg)
     device = resolve_device(cfg.device)
+    configure_device(device, tf32=True, flush_denormal=cfg.flush_denormal)
     path = Path(cfg.checkpoint).expanduser()
     ckpt = load_checkpoint(path, key="checkpoint")
     # Fail before minutes of computation, not after, if the results cannot be written.
@@ -200,11 +206,9 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
 
 
 @hydra.main(config_path=str(CONFIG_DIR), config_name="evaluate", version_base="1.3")
+@entry_point
 def main(cfg: DictConfig) -> None:
-    try:
-        evaluate(cfg)
-    except UserError as e:
-        exit_with(e)
+    evaluate(cfg)
 
 
 if __name__ == "__main__":

@@ -1,24 +1,82 @@
-"""TensorBoard helpers: image grids and the HParams entry of a run."""
+"""TensorBoard for a training run: scalars, image grids and the HParams entry (docs/dashboard.md lists every tag).
+
+TensorBoard and torchvision take seconds to import, so both are imported when a run first writes, not before.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.tensorboard.summary import hparams
-from torchvision.utils import make_grid
+
+from vae.gumbel import one_hot_argmax
 
 # The settings shown as columns in TensorBoard's HParams tab: those that change what is learned.
-HPARAM_KEYS = ("latent_dim", "categorical_dim", "prior", "hard", "temperature", "temp_min", "anneal_rate",
-               "anneal_interval", "batch_size", "epochs", "lr", "seed", "data.name", "data.binarize")
+HPARAM_KEYS = ("latent_dim", "categorical_dim", "prior", "hard", "estimator", "temperature", "temp_min",
+               "anneal_rate", "anneal_interval", "batch_size", "epochs", "lr", "seed", "data.name", "data.binarize")
 
 
 def image_grid(x: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     """Flat images [B, 784] in [0, 1] -> one [3, H, W] grid."""
+    from torchvision.utils import make_grid
+
     return make_grid(x.detach().reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
 
 
 def log_hparams(writer, cfg: DictConfig, metrics: dict) -> None:
     """Write the run's hyper-parameters into its own event file, so that TensorBoard's HParams tab pairs them with
     the run's scalars named in `metrics` (SummaryWriter.add_hparams would open a separate sub-run instead)."""
+    from torch.utils.tensorboard.summary import hparams
+
     values = {k: OmegaConf.select(cfg, k) for k in HPARAM_KEYS}
     exp, ssi, sei = hparams(values, metrics)
     file_writer = writer._get_file_writer()
     for summary in (exp, ssi, sei):
         file_writer.add_summary(summary)
+
+
+class TensorBoardLog:
+    """A trainer callback writing the run's event file; a context manager that closes it on every exit path.
+
+    purge_step: on resume, the step after the checkpoint's. Events a killed run wrote after its checkpoint are then
+    hidden by TensorBoard, so the resumed run's scalars continue without duplicated steps.
+    """
+
+    def __init__(self, run_dir: Path, purge_step: Optional[int], recon_x: torch.Tensor, prior_noise: torch.Tensor):
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self.recon_x, self.prior_noise = recon_x, prior_noise  # fixed inputs: epochs compare picture to picture
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.writer.close()
+
+    def on_interval(self, trainer, means, grad_norm) -> None:
+        step = trainer.state.step
+        for tag, value in zip(("loss", "bce", "kl"), means):
+            self.writer.add_scalar(f"train/{tag}", value, step)
+        self.writer.add_scalar("train/temperature", trainer.state.tau, step)
+        if grad_norm is not None:
+            self.writer.add_scalar("train/grad_norm", grad_norm, step)
+
+    def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
+        step = trainer.state.step
+        for key in ("loss", "bce", "kl", "elbo_discrete"):
+            self.writer.add_scalar(f"test/{key}", test[key], step)
+        self.write_images(trainer.model, step)
+        self.writer.flush()  # every epoch: a run killed later keeps what it showed
+
+    @torch.no_grad()
+    def write_images(self, model, step: int) -> None:
+        recon = torch.sigmoid(model.decode(one_hot_argmax(model.encode(self.recon_x))))
+        self.writer.add_image("test/reconstructions", image_grid(torch.cat([self.recon_x, recon]),
+                                                                 nrow=len(self.recon_x)), step)
+        codes = one_hot_argmax(model.log_prior() + self.prior_noise)
+        self.writer.add_image("samples/prior", image_grid(torch.sigmoid(model.decode(codes))), step)
+
+    def flush(self) -> None:
+        self.writer.flush()

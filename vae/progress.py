@@ -1,0 +1,72 @@
+"""What the person at the terminal sees: a tqdm bar per epoch, one log line per epoch, and Ctrl-C / SIGTERM that
+stop the run cleanly instead of killing it mid-write."""
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+
+from tqdm import tqdm
+
+log = logging.getLogger("train")
+
+# Exit statuses of a run stopped by a signal, as a shell reports them (128 + signal number).
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+
+
+class StopFlag:
+    """Ctrl-C / SIGTERM only set a flag: the step in flight finishes, then the run saves and exits."""
+
+    def __init__(self):
+        self.signum = None
+        for s in SIGNAL_EXIT:
+            signal.signal(s, self._handle)
+
+    def __call__(self) -> bool:
+        return self.signum is not None
+
+    def _handle(self, signum, frame):
+        if self.signum is not None:  # a second Ctrl-C: let the user know we heard it
+            print("\nstopping, please wait...", file=sys.stderr, flush=True)
+        self.signum = signum
+
+    @property
+    def exit_code(self) -> int:
+        return SIGNAL_EXIT[self.signum]
+
+    @property
+    def name(self) -> str:
+        return signal.Signals(self.signum).name
+
+
+class ProgressBar:
+    """A trainer callback: one bar per epoch (quiet when the output is not a terminal) and the epoch's log line."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_epoch_start(self, trainer) -> None:
+        s = trainer.state
+        self.first_step = s.epoch_step
+        self.bar = tqdm(total=trainer.steps_per_epoch, initial=s.epoch_step,
+                        desc=f"epoch {s.epoch + 1}/{trainer.cfg.epochs}", leave=False, dynamic_ncols=True,
+                        disable=None)
+
+    def on_step(self, trainer) -> None:
+        self.bar.update()
+
+    def on_interval(self, trainer, means, grad_norm) -> None:
+        self.bar.set_postfix(loss=f"{means[0]:.2f}", tau=f"{trainer.state.tau:.3f}")
+
+    def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
+        self.close()
+        s = trainer.state
+        images = (trainer.steps_per_epoch - self.first_step) * trainer.cfg.batch_size
+        log.info("epoch %d/%d | train loss %.2f | test loss %.2f | test -elbo (discrete) %.2f | tau %.4f | "
+                 "%.2f s, %.0f images/s", s.epoch, trainer.cfg.epochs, test["train_loss"], test["loss"],
+                 test["elbo_discrete"], s.tau, seconds, images / seconds)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
