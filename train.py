@@ -43,13 +43,17 @@ def load_data(cfg: DictConfig, device: torch.device):
 
 
 def train(cfg: DictConfig) -> float:
+    with StopFlag() as stop:
+        return run(cfg, stop)
+
+
+def run(cfg: DictConfig, stop: StopFlag) -> float:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from vae.tensorboard import TensorBoardLog, log_hparams
     from vae.trainer import Trainer
 
     hydra_cfg = HydraConfig.get()
-    stop = StopFlag()
     validate(cfg, check_resume=False)  # again: in a multirun, each job's values are only known here
     run_dir, resumed = Path(hydra_cfg.runtime.output_dir), None
     if cfg.resume is not None:
@@ -69,9 +73,6 @@ def train(cfg: DictConfig) -> float:
     train_split, test_split = load_data(cfg, device)
 
     trainer = Trainer(cfg, train_split, device, compile=compile_mode, cuda_graph=graph_mode, should_stop=stop)
-    if trainer.compile or trainer.cuda_graph:
-        log.info("training step compiled/captured in %.1f s (not counted in the epochs' training time)",
-                 trainer.build_seconds)
     if resumed:
         check_model_state(resumed, trainer.initial_weights, cfg.resume)
         trainer.load(resumed)

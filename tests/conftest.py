@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny generated datasets and a helper that runs train.py in a subprocess."""
+"""Shared fixtures: tiny generated datasets, and train.py called in process (most tests) or in a subprocess (what
+needs a real process: signals, the command line's errors, kill -9, Hydra's own files)."""
 from __future__ import annotations
 
 import os
@@ -11,6 +12,7 @@ import pytest
 from idx import make_tiny_dataset
 
 REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # train.py, for the tests that call it in process
 
 
 @pytest.fixture(scope="session")
@@ -43,3 +45,46 @@ def run_script(args, timeout=240, env_extra=None, script="train.py") -> subproce
 
 def run_train(args, **kw) -> subprocess.CompletedProcess:
     return run_script(args, **kw)
+
+
+def compose_train(*overrides: str, run_dir=None):
+    """The config `python train.py <overrides>` would run, with Hydra's own settings (for HydraConfig)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import open_dict
+
+    from vae.config import CONFIG_DIR
+
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
+    with open_dict(cfg):
+        cfg.hydra.runtime.output_dir = str(run_dir or cfg.hydra.run.dir)
+        cfg.hydra.job.num = 0
+    return cfg
+
+
+def train_in_process(data_root: Path, run_dir: Path, *extra: str) -> dict:
+    """Run train.py's `train` in this process on tiny data (configs/debug/tiny.yaml); returns metrics.json.
+
+    As lightning-hydra-template's tests do: compose the config, register it as Hydra's, call the task. Hydra's own
+    files (.hydra/, train.log) are not written; the run's are (checkpoints, events, metrics.json).
+    """
+    import json
+
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    import train as train_script
+
+    overrides = ["debug=tiny", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *extra]
+    cfg = compose_train(*overrides, run_dir=run_dir)
+    HydraConfig.instance().set_config(cfg)
+    task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    try:
+        train_script.train(task_cfg)
+    finally:
+        HydraConfig.instance().cfg = None
+    run_dir = Path(run_dir)
+    resume = task_cfg.resume
+    if resume is not None:  # a resumed run writes into its own directory
+        run_dir = Path(resume).expanduser().resolve().parent.parent
+    return json.loads((run_dir / "metrics.json").read_text())

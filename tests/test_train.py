@@ -1,4 +1,5 @@
-"""End-to-end runs of train.py in a subprocess on tiny generated data."""
+"""End-to-end runs of train.py on tiny generated data: one real process (Hydra's own files, the log), the rest in
+process."""
 from __future__ import annotations
 
 import json
@@ -8,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_train, tiny_overrides
+from conftest import run_train, tiny_overrides, train_in_process
 
 SCALARS = {"train/loss", "train/bce", "train/kl", "train/temperature", "test/loss", "test/elbo_discrete"}
 IMAGES = {"test/reconstructions", "samples/prior"}
@@ -62,9 +63,7 @@ def test_run_writes_tensorboard_checkpoints_and_metrics(hard_run):
 def test_tau_follows_the_global_step_across_epochs(tiny_data, tmp_path):
     # anneal every 2 steps at a visible rate; the logged temperature must keep falling into epoch 2
     run_dir = tmp_path / "run"
-    proc = run_train(tiny_overrides(tiny_data, run_dir, "epochs=2", "anneal_rate=0.05", "anneal_interval=2",
-                                    "temp_min=0.1"))
-    assert proc.returncode == 0, proc.stderr
+    train_in_process(tiny_data, run_dir, "epochs=2", "anneal_rate=0.05", "anneal_interval=2", "temp_min=0.1")
     taus = [(e.step, e.value) for e in events(run_dir).Scalars("train/temperature")]
     for step, value in taus:
         # logged after `step` steps, during which the last update was at step - 1 rounded down to the interval
@@ -73,16 +72,14 @@ def test_tau_follows_the_global_step_across_epochs(tiny_data, tmp_path):
     assert taus[-1][1] < taus[2][1] < taus[0][1]
 
 
-def test_resume_continues_from_the_saved_step(hard_run, tmp_path):
+def test_resume_continues_from_the_saved_step(hard_run, tiny_data, tmp_path):
     run_dir, _ = hard_run
     # copy the finished 2-epoch run and extend it to 3 epochs
     import shutil
 
     copy = tmp_path / "run"
     shutil.copytree(run_dir, copy)
-    proc = run_train([f"resume={copy / 'checkpoints' / 'last.pt'}", "epochs=3", f"hydra.run.dir={tmp_path / 'r2'}"])
-    assert proc.returncode == 0, proc.stderr
-    assert "resumed" in proc.stdout + proc.stderr
+    train_in_process(tiny_data, tmp_path / "r2", f"resume={copy / 'checkpoints' / 'last.pt'}", "epochs=3")
     ckpt = torch.load(copy / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["step"] == 18 and ckpt["epoch"] == 3
     assert ckpt["config"]["hard"] is True            # the run's own settings, not the defaults

@@ -129,6 +129,7 @@ class TrainerRun:
 
         factory = None if cfg.adam == "trainer" else adam_variant(cfg.adam)
         self.trainer = Trainer(cfg, split, device, compile=compile, cuda_graph=cuda_graph, optimizer_factory=factory)
+        self.trainer.build()
         if self.trainer.compile_error is not None:  # the trainer fell back to eager: no compiled row to measure
             raise self.trainer.compile_error
         self.steps_per_epoch = self.trainer.steps_per_epoch

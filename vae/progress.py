@@ -19,8 +19,15 @@ class StopFlag:
 
     def __init__(self):
         self.signum = None
-        for s in SIGNAL_EXIT:
-            signal.signal(s, self._handle)
+        self._previous = {s: signal.signal(s, self._handle) for s in SIGNAL_EXIT}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Put the previous handlers back (a run called in process, e.g. from a test, leaves no trace)."""
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
 
     def __call__(self) -> bool:
         return self.signum is not None

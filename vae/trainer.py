@@ -91,10 +91,23 @@ class Trainer:
         gens = make_generators(cfg.seed, device)
         self.estimator = make_estimator(estimator_name(cfg), samples=cfg.estimator_samples,
                                         baseline_decay=cfg.baseline_decay, device=device)
+        self.state = TrainState(gens, tau_for(cfg, 0), torch.zeros(3, device=device), torch.zeros(3, device=device))
+        self.tau_t = torch.tensor(self.state.tau, device=device)  # what the (compiled, captured) step reads
+        self.check_every = 1 if device.type == "cpu" else cfg.log_interval  # a sync per step is free on a CPU only
+        self.train_seconds = 0.0  # this process's time in training steps (no test passes, images or checkpoints)
+        self.build_seconds = 0.0
+        self.optimizer = self.step_fn = self.compile_error = None
+        self._saved_optimizer = None  # a resumed run's Adam state, loaded once the optimizer exists
+        self._perm = None
+
+    def build(self) -> None:
+        """Build the optimizer and the step (compiled or captured), once, when training first needs them: a run
+        with nothing to train never pays for them (building Adam alone imports torch._dynamo: seconds)."""
+        if self.step_fn is not None:
+            return
         t0 = time.perf_counter()
-        self.compile_error = None
         try:
-            self._build_step(gens)
+            self._build_step()
         except Exception as e:  # torch.compile needs a working C++ compiler (CPU) or Triton (CUDA)
             if not self.compile:
                 raise
@@ -102,19 +115,19 @@ class Trainer:
             log.warning("compile=true failed here (%s); training without torch.compile (set compile=false to skip "
                         "the attempt)", describe(e))
             self.compile = False
-            self._build_step(gens)
+            self._build_step()
         self.build_seconds = time.perf_counter() - t0
-        self.state = TrainState(gens, tau_for(cfg, 0), torch.zeros(3, device=device), torch.zeros(3, device=device))
-        with torch.no_grad():  # in place: a captured graph holds these addresses
-            for k, v in self.model.state_dict().items():
-                v.copy_(self.initial_weights[k])
-        self.tau_t = torch.tensor(self.state.tau, device=device)  # what the (compiled, captured) step reads
-        self.check_every = 1 if device.type == "cpu" else cfg.log_interval  # a sync per step is free on a CPU only
-        self.train_seconds = 0.0  # this process's time in training steps (no test passes, images or checkpoints)
-        self._perm = None
+        if self.compile or self.cuda_graph:
+            log.info("training step compiled/captured in %.1f s (not counted in the epochs' training time)",
+                     self.build_seconds)
+        if self._saved_optimizer is not None:
+            load_optimizer_state_(self.optimizer, self._saved_optimizer)
+            set_lr_(self.optimizer, self.cfg.lr)  # the saved state carries the old lr; `resume=... lr=...` changes it
 
-    def _build_step(self, gens) -> None:
-        cfg = self.cfg
+    def _build_step(self) -> None:
+        """The step's warm-up (compile) or capture changes weights, Adam's state and the random streams, and puts
+        them back as they were (in place: a captured graph holds their addresses)."""
+        cfg, gens = self.cfg, self.state.gens
         factory = self.optimizer_factory or make_optimizer
         self.optimizer = factory(self.model, cfg.lr, self.device, self.cuda_graph, self.compile)
         binarize_gen = gens["binarize"] if self.train_split.binarize == "dynamic" else None
@@ -127,6 +140,7 @@ class Trainer:
 
     def checkpoint(self) -> dict:
         """The whole run as a plain dict that `torch.load(..., weights_only=True)` accepts."""
+        self.build()
         return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                 **self.state.state_dict(), "estimator": self.estimator.state_dict(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "torch_version": str(torch.__version__)}
@@ -136,8 +150,10 @@ class Trainer:
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 v.copy_(ckpt["model"][k])
-        load_optimizer_state_(self.optimizer, ckpt["optimizer"])
-        set_lr_(self.optimizer, self.cfg.lr)  # the saved state carries the old lr; `resume=... lr=...` changes it
+        self._saved_optimizer = ckpt["optimizer"]
+        if self.optimizer is not None:
+            load_optimizer_state_(self.optimizer, ckpt["optimizer"])
+            set_lr_(self.optimizer, self.cfg.lr)
         self.state.load_state_dict(ckpt)
         self.estimator.load_state_dict(ckpt.get("estimator") or {})
         self.tau_t.fill_(self.state.tau)
@@ -147,6 +163,7 @@ class Trainer:
 
     def train_steps(self, max_steps: Optional[int] = None) -> int:
         """Steps of the current epoch until it ends, `max_steps` are done or `should_stop()`; returns the count."""
+        self.build()
         cfg, s, bs = self.cfg, self.state, self.cfg.batch_size
         if self._perm is None:  # the epoch's order, also when resuming in the middle of it
             s.gens["shuffle"].set_state(s.shuffle_epoch_start)
