@@ -6,8 +6,10 @@ from a Hydra callback (`on_run_start`), which runs before Hydra creates the run 
 """
 from __future__ import annotations
 
+import hashlib
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -23,6 +25,35 @@ CONFIG_DIR = REPO_DIR / "configs"
 
 # `${repo_dir:}` lets the YAML say "<repo>/data" without a hard-coded absolute path.
 OmegaConf.register_new_resolver("repo_dir", lambda: str(REPO_DIR), replace=True)
+
+
+def run_suffix(override_dirname: str, max_len: int = 64) -> str:
+    """`_<overrides>` to append to a single run's directory name, or "" when there are none.
+
+    Hydra's override_dirname grows with every override (seven settings already make over 100 characters, and
+    TensorBoard lists runs by directory). Past `max_len`, whole overrides are kept while they fit and the rest become
+    `+` and 8 hex digits of the full string's SHA-1: still readable, and different overrides still give
+    different names; the full list is in the run's .hydra/overrides.yaml. A `/` (a path in a value) would nest
+    the run one directory deeper: it becomes `-`.
+    """
+    if not override_dirname:
+        return ""
+    name = override_dirname.replace("/", "-")
+    if len(name) <= max_len:
+        return "_" + name
+    digest = "+" + hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    kept = ""
+    # Split between overrides only: a comma followed by a closing bracket belongs to a list or dict value.
+    for item in re.split(r",(?![^\[{]*[\]}])", name):
+        longer = f"{kept},{item}" if kept else item
+        if len(longer) > max_len - len(digest):
+            break
+        kept = longer
+    return "_" + (kept or name[:max_len - len(digest)]) + digest
+
+
+# `${run_suffix:${hydra.job.override_dirname}}`: a run directory that says what the run changed.
+OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 
 DATASETS = ("mnist", "fashion_mnist")
 BINARIZE = ("none", "dynamic", "static")
