@@ -84,8 +84,8 @@ def run(cfg: DictConfig, stop: StopFlag) -> float:
     prior_noise = sample_gumbel((cfg.prior_samples, cfg.latent_dim, cfg.categorical_dim),
                                 generator=torch.Generator(device=device).manual_seed(cfg.seed), device=device)
     progress = ProgressBar()
-    with TensorBoardLog(run_dir, trainer.state.step + 1 if resumed else None, recon_x, prior_noise) as tb, \
-            logging_redirect_tqdm():
+    with TensorBoardLog(run_dir, trainer.state.step + 1 if resumed else None, recon_x, prior_noise, test_split,
+                        cfg) as tb, logging_redirect_tqdm():
         trainer.callbacks = [progress, checkpoints, tb]
         try:
             test = trainer.fit(test_split)

@@ -12,7 +12,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from idx import make_tiny_dataset
-from vae import metrics
+from vae import latents, metrics
 from vae.checkpoint import FORMAT
 from vae.config import REPO_DIR, Config
 from vae.data import load_split
@@ -54,9 +54,13 @@ def test_command_end_to_end(tmp_path):
     ckpt = write_checkpoint(tmp_path)
     cwd = tmp_path / "cwd"
     cwd.mkdir()
-    proc = run_cli(f"checkpoint={ckpt}", "iw_samples=10", "iw_chunk=3", "batch_size=5", "device=cpu", cwd=cwd)
+    # flush_denormal=false: the numbers are recomputed below in this process, which does not flush.
+    proc = run_cli(f"checkpoint={ckpt}", "iw_samples=10", "iw_chunk=3", "batch_size=5", "device=cpu",
+                   "flush_denormal=false", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
     assert "IW bound, k=10" in proc.stdout and "discrete -ELBO" in proc.stdout
+    assert "code usage, 3 variables x 4 classes" in proc.stdout
+    assert all(row in proc.stdout for row in ("active variables (KL > 0.01 nats)", "perplexity", "confidence"))
 
     result = json.loads((ckpt.parent / "best.metrics.json").read_text())
     assert (result["k"], result["epoch"], result["step"], result["tau"], result["hard"]) == (10, 3, 30, 0.8, True)
@@ -80,11 +84,23 @@ def test_command_end_to_end(tmp_path):
                                         generator=torch.Generator().manual_seed(0))
     for name, value in want.items():
         assert m[name] == pytest.approx(value, rel=1e-6), name
+    usage = latents.code_usage(model, test, batch_size=5)
+    got = result["latents"]
+    assert (got["latent_dim"], got["categorical_dim"], got["active_kl"]) == (3, 4, 0.01)
+    assert got["perplexity"] == pytest.approx(usage["perplexity"].tolist(), rel=1e-9)
+    assert got["kl_per_variable"] == pytest.approx(usage["kl_per_variable"].tolist(), rel=1e-9)
+    assert got["perplexity_mean"] == pytest.approx(usage["perplexity_mean"], rel=1e-9)
+    assert got["confidence"] == pytest.approx(usage["confidence"], rel=1e-9)
+    assert got["active"] == usage["active"] and f"{got['active']} / 3" in proc.stdout
+    assert all(1 <= p <= 4 + 1e-9 for p in got["perplexity"]) and 0.25 <= got["confidence"] <= 1
 
     with Image.open(ckpt.parent / "best.prior_samples.png") as im:
         assert im.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 digits of 28 px, 8 per row, 2 px padding
     with Image.open(ckpt.parent / "best.reconstructions.png") as im:
         assert im.size == (8 * 30 + 2, 2 * 30 + 2)  # 8 originals above 8 reconstructions
+    with Image.open(ckpt.parent / "best.traversal.png") as im:
+        assert im.size == (4 * 30 + 2, 3 * 30 + 2)  # a row per variable (3 < traversal_rows), a column per class
+    assert set(result["images"]) == {"prior_samples", "reconstructions", "traversal"}
     assert list(cwd.iterdir()) == [], "evaluation wrote into the working directory"
     assert not list(ckpt.parent.glob("*.tmp-*"))
 
@@ -106,6 +122,8 @@ def eval_cfg(**overrides):
     ({"iw_samples": 0}, "iw_samples=0"),
     ({"iw_chunk": -1}, "iw_chunk=-1"),
     ({"device": "gpu"}, "device='gpu'"),
+    ({"traversal_rows": 0}, "traversal_rows=0"),
+    ({"active_kl": -0.5}, "active_kl=-0.5"),
 ])
 def test_bad_settings_are_user_errors(tmp_path, overrides, message):
     """Checked before the checkpoint is even opened (it does not exist here)."""

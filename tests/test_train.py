@@ -11,12 +11,14 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from conftest import run_train, tiny_overrides, train_in_process
 
-SCALARS = {"train/loss", "train/bce", "train/kl", "train/temperature", "test/loss", "test/elbo_discrete"}
-IMAGES = {"test/reconstructions", "samples/prior"}
+SCALARS = {"train/loss", "train/bce", "train/kl", "train/temperature", "test/loss", "test/elbo_discrete",
+           "train/grad_norm", "latents/perplexity", "latents/active", "latents/confidence"}
+IMAGES = {"test/reconstructions", "samples/prior", "latents/traversal"}
+HISTOGRAMS = {"latents/kl_per_variable", "latents/perplexity_per_variable"}
 
 
 def events(run_dir):
-    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0})
+    ea = EventAccumulator(str(run_dir), size_guidance={"scalars": 0, "images": 0, "histograms": 0})
     ea.Reload()
     return ea
 
@@ -38,6 +40,11 @@ def test_run_writes_tensorboard_checkpoints_and_metrics(hard_run):
     ea = events(run_dir)
     assert SCALARS <= set(ea.Tags()["scalars"])
     assert IMAGES <= set(ea.Tags()["images"])
+    assert HISTOGRAMS <= set(ea.Tags()["histograms"])
+    assert "custom_scalars__config__" in ea.PluginTagToContent("custom_scalars") or \
+        ea.PluginTagToContent("custom_scalars")  # the layout of the Custom Scalars tab
+    assert [e.step for e in ea.Scalars("train/grad_norm")] == [2, 4, 6, 8, 10, 12]
+    assert all(math.isfinite(e.value) and e.value > 0 for e in ea.Scalars("train/grad_norm"))
     assert len(ea.Scalars("test/loss")) == 2                        # one per epoch
     assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]  # 6 steps/epoch, log_interval=2
     grid = ea.Images("samples/prior")[-1]

@@ -5,7 +5,9 @@ type (`temperature=abc`) fails at composition time; `validate_ranges` gives ever
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
@@ -20,6 +22,35 @@ CONFIG_DIR = REPO_DIR / "configs"
 
 # `${repo_dir:}` lets the YAML say "<repo>/data" without a hard-coded absolute path.
 OmegaConf.register_new_resolver("repo_dir", lambda: str(REPO_DIR), replace=True)
+
+
+def run_suffix(override_dirname: str, max_len: int = 64) -> str:
+    """`_<overrides>` to append to a single run's directory name, or "" when there are none.
+
+    Hydra's override_dirname grows with every override (seven settings already make over 100 characters, and
+    TensorBoard lists runs by directory). Past `max_len`, whole overrides are kept while they fit and the rest become
+    `+` and 8 hex digits of the full string's SHA-1: still readable, and different overrides still give
+    different names; the full list is in the run's .hydra/overrides.yaml. A `/` (a path in a value) would nest
+    the run one directory deeper: it becomes `-`.
+    """
+    if not override_dirname:
+        return ""
+    name = override_dirname.replace("/", "-")
+    if len(name) <= max_len:
+        return "_" + name
+    digest = "+" + hashlib.sha1(override_dirname.encode()).hexdigest()[:8]
+    kept = ""
+    # Split between overrides only: a comma followed by a closing bracket belongs to a list or dict value.
+    for item in re.split(r",(?![^\[{]*[\]}])", name):
+        longer = f"{kept},{item}" if kept else item
+        if len(longer) > max_len - len(digest):
+            break
+        kept = longer
+    return "_" + (kept or name[:max_len - len(digest)]) + digest
+
+
+# `${run_suffix:${hydra.job.override_dirname}}`: a run directory that says what the run changed.
+OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 
 DATASETS = ("mnist", "fashion_mnist")
 BINARIZE = ("none", "dynamic", "static")
@@ -53,6 +84,10 @@ class EvalConfig:
     iw_chunk: int = 100
     # Images per evaluation batch.
     batch_size: int = 1000
+    # A latent variable counts as active (latents/active) when its mean KL exceeds this many nats per image.
+    active_kl: float = 0.01
+    # Latent variables (those of highest KL) shown as rows of the latents/traversal image.
+    traversal_rows: int = 10
 
 
 @dataclass
@@ -140,6 +175,9 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(cfg.eval.iw_samples >= 0, "eval.iw_samples", cfg.eval.iw_samples, "must be an integer >= 0 (0 = off)")
     check(cfg.eval.iw_chunk >= 1, "eval.iw_chunk", cfg.eval.iw_chunk, "must be an integer >= 1")
     check(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "must be an integer >= 1")
+    check(finite(cfg.eval.active_kl) and cfg.eval.active_kl >= 0, "eval.active_kl", cfg.eval.active_kl,
+          "must be a number >= 0 (nats)")
+    check(cfg.eval.traversal_rows >= 1, "eval.traversal_rows", cfg.eval.traversal_rows, "must be an integer >= 1")
     check(cfg.estimator in ESTIMATORS, "estimator", cfg.estimator, f"one of {', '.join(ESTIMATORS)}")
     check(not cfg.hard or cfg.estimator in ("gumbel", "st_gumbel"), "hard", cfg.hard,
           f"hard=true is the alias of estimator=st_gumbel and cannot be combined with estimator={cfg.estimator}; "

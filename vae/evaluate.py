@@ -4,9 +4,11 @@
     python -m vae.evaluate checkpoint=.../last.pt iw_samples=5000 device=cuda seed=1
 
 Reports the relaxed -ELBO at the checkpoint's temperature (what training optimised), the discrete -ELBO
-(one-hot z ~ q(z|x), analytic KL) and the k-sample importance-weighted bound (Burda et al. 2016; k = 1000 as
-in Jang et al. 2017). Writes, beside the checkpoint: <stem>.metrics.json, <stem>.prior_samples.png and
-<stem>.reconstructions.png. Settings: configs/evaluate.yaml (schema `EvaluateConfig` below).
+(one-hot z ~ q(z|x), analytic KL), the k-sample importance-weighted bound (Burda et al. 2016; k = 1000 as
+in Jang et al. 2017) and how the latent code is used (vae/latents.py: active variables, perplexity,
+confidence). Writes, beside the checkpoint: <stem>.metrics.json, <stem>.prior_samples.png,
+<stem>.reconstructions.png and <stem>.traversal.png. Settings: configs/evaluate.yaml (schema `EvaluateConfig`
+below).
 
 Hydra writes nothing of its own here (`hydra.output_subdir: null`, `hydra.run.dir: .`, no log file): every
 output belongs to a checkpoint and goes beside it, so evaluating twice never litters `outputs/`.
@@ -27,7 +29,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from vae import metrics
+from vae import latents, metrics
 from vae.atomic import atomic_write, atomic_write_text
 from vae.checkpoint import check_model_state, load_checkpoint
 from vae.checks import check_writable, resolve_device
@@ -49,6 +51,8 @@ class EvaluateConfig:
     recon_images: int = 8
     prior_samples: int = 64
     prior_nrow: int = 8
+    traversal_rows: int = 10
+    active_kl: float = latents.ACTIVE_KL
     data_root: Optional[str] = None
     # Flush subnormal floats to zero on the CPU (null = on for CPU runs), as in training.
     flush_denormal: Optional[bool] = None
@@ -67,10 +71,15 @@ def validate(cfg: DictConfig) -> None:
                                   ("batch_size", 1, "test images per batch"),
                                   ("recon_images", 1, "test digits shown with their reconstructions"),
                                   ("prior_samples", 1, "decoded prior samples"),
-                                  ("prior_nrow", 1, "images per row of the prior-sample grid")):
+                                  ("prior_nrow", 1, "images per row of the prior-sample grid"),
+                                  ("traversal_rows", 1, "latent variables shown in the traversal")):
         if cfg[key] < minimum:
             raise UserError(f"{key}={cfg[key]!r} is not allowed: must be an integer >= {minimum} ({meaning}); "
                             f"set it on the command line, e.g. {key}={getattr(EvaluateConfig, key)}")
+    if not (math.isfinite(cfg.active_kl) and cfg.active_kl >= 0):
+        raise UserError(f"active_kl={cfg.active_kl!r} is not allowed: must be a number >= 0 (nats per image above "
+                        f"which a latent variable counts as active); set it on the command line, e.g. "
+                        f"active_kl={latents.ACTIVE_KL}")
     check_device_name(cfg.device)
 
 
@@ -121,9 +130,10 @@ def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
 
 @torch.no_grad()
 def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, generator: torch.Generator,
-                prefix: Path) -> Dict[str, str]:
+                prefix: Path, kl_per_variable: torch.Tensor) -> Dict[str, str]:
     """Prior samples (Bernoulli means, i.e. sigmoid of the logits) and test digits above their
-    reconstructions, both decoded from one-hot codes: the discrete model the test bounds score."""
+    reconstructions, both decoded from one-hot codes: the discrete model the test bounds score. The traversal
+    varies the first of those digits' argmax code, one top-KL variable per row (latents.traversal_grid)."""
     from torchvision.utils import save_image  # torchvision takes seconds to import: not on the error paths
 
     log_prior = model.log_prior()
@@ -135,11 +145,14 @@ def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, gener
     z = sample_categorical(model.encode(x), generator=generator)
     recon = torch.sigmoid(model.decode(z))
     pairs = torch.cat([x, recon]).view(-1, 1, 28, 28).cpu()
+    traversal = latents.traversal_grid(model, x[0], kl_per_variable, max_rows=cfg.traversal_rows)
 
     paths = {"prior_samples": prefix.with_name(prefix.name + ".prior_samples.png"),
-             "reconstructions": prefix.with_name(prefix.name + ".reconstructions.png")}
+             "reconstructions": prefix.with_name(prefix.name + ".reconstructions.png"),
+             "traversal": prefix.with_name(prefix.name + ".traversal.png")}
     atomic_write(paths["prior_samples"], lambda f: save_image(prior, f, nrow=cfg.prior_nrow, format="png"))
     atomic_write(paths["reconstructions"], lambda f: save_image(pairs, f, nrow=n, format="png"))
+    atomic_write(paths["traversal"], lambda f: save_image(traversal, f, format="png"))
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -150,11 +163,18 @@ def format_table(result: Dict[str, Any]) -> str:
             ("  KL(q || p)", m["kl"]),
             ("discrete -ELBO", m["elbo_discrete"]),
             (f"IW bound, k={result['k']}", m["iw_bound"])]
-    width = max(len(name) for name, _ in rows)
+    usage = result["latents"]
+    n_var, k = usage["latent_dim"], usage["categorical_dim"]
+    code_rows = [(f"active variables (KL > {usage['active_kl']:g} nats)", f"{usage['active']:d} / {n_var}"),
+                 (f"perplexity, mean (1 .. {k})", f"{usage['perplexity_mean']:.3f}"),
+                 (f"confidence, mean max q (1/{k} .. 1)", f"{usage['confidence']:.3f}")]
+    width = max(len(name) for name, _ in rows + code_rows)
     lines = [f"{result['checkpoint']}  (epoch {result['epoch']}, step {result['step']}; "
              f"{result['n_images']} test images on {result['device']}, {result['seconds']:.1f} s)",
              f"{'test, nats per image':<{width}}  {'value':>9}"]
     lines += [f"{name:<{width}}  {value:9.3f}" for name, value in rows]
+    lines.append(f"code usage, {n_var} variables x {k} classes")
+    lines += [f"{name:<{width}}  {value:>9}" for name, value in code_rows]
     return "\n".join(lines)
 
 
@@ -184,6 +204,8 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         result_metrics["iw_bound"] = metrics.iw_bound(model, test, k=cfg.iw_samples, chunk=cfg.iw_chunk,
                                                       batch_size=cfg.batch_size, generator=generator(),
                                                       progress=bar.update)
+    usage = latents.code_usage(model, test, batch_size=cfg.batch_size, threshold=cfg.active_kl,
+                               generator=generator())
     seconds = time.perf_counter() - start
     if not all(math.isfinite(v) for v in result_metrics.values()):
         raise UserError(f"checkpoint={str(path)!r} gives non-finite test metrics {result_metrics}; "
@@ -196,8 +218,12 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         "n_images": test.n, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "seconds": seconds, "metrics": result_metrics,
+        "latents": {"latent_dim": model.latent_dim, "categorical_dim": model.categorical_dim,
+                    "perplexity": usage["perplexity"].tolist(), "perplexity_mean": usage["perplexity_mean"],
+                    "kl_per_variable": usage["kl_per_variable"].tolist(), "active": usage["active"],
+                    "active_kl": cfg.active_kl, "confidence": usage["confidence"]},
     }
-    result["images"] = save_images(model, test, cfg, generator(), prefix)
+    result["images"] = save_images(model, test, cfg, generator(), prefix, usage["kl_per_variable"])
     metrics_path = prefix.with_name(prefix.name + ".metrics.json")
     atomic_write_text(metrics_path, json.dumps(result, indent=2) + "\n")
     print(format_table(result))

@@ -43,11 +43,16 @@ class TensorBoardLog:
     hidden by TensorBoard, so the resumed run's scalars continue without duplicated steps.
     """
 
-    def __init__(self, run_dir: Path, purge_step: Optional[int], recon_x: torch.Tensor, prior_noise: torch.Tensor):
+    def __init__(self, run_dir: Path, purge_step: Optional[int], recon_x: torch.Tensor, prior_noise: torch.Tensor,
+                 test_split, cfg: DictConfig):
         from torch.utils.tensorboard import SummaryWriter
 
+        from vae.latents import custom_scalars_layout
+
         self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+        self.writer.add_custom_scalars(custom_scalars_layout())
         self.recon_x, self.prior_noise = recon_x, prior_noise  # fixed inputs: epochs compare picture to picture
+        self.test_split, self.cfg = test_split, cfg
 
     def __enter__(self):
         return self
@@ -68,6 +73,7 @@ class TensorBoardLog:
         for key in ("loss", "bce", "kl", "elbo_discrete"):
             self.writer.add_scalar(f"test/{key}", test[key], step)
         self.write_images(trainer.model, step)
+        self.write_latents(trainer.model, step)
         self.writer.flush()  # every epoch: a run killed later keeps what it showed
 
     @torch.no_grad()
@@ -77,6 +83,18 @@ class TensorBoardLog:
                                                                  nrow=len(self.recon_x)), step)
         codes = one_hot_argmax(model.log_prior() + self.prior_noise)
         self.writer.add_image("samples/prior", image_grid(torch.sigmoid(model.decode(codes))), step)
+
+    def write_latents(self, model, step: int) -> None:
+        """How the code is used (docs/dashboard.md): one more encoder pass over the test set, and a traversal of
+        the first of the fixed test digits."""
+        from vae.latents import code_usage, log_latents, traversal_grid
+
+        cfg = self.cfg
+        generator = torch.Generator(device=self.test_split.device).manual_seed(cfg.seed)  # dynamic binarization
+        stats = code_usage(model, self.test_split, batch_size=cfg.eval.batch_size, threshold=cfg.eval.active_kl,
+                           generator=generator)
+        grid = traversal_grid(model, self.recon_x[0], stats["kl_per_variable"], max_rows=cfg.eval.traversal_rows)
+        log_latents(self.writer, stats, grid, step)
 
     def flush(self) -> None:
         self.writer.flush()

@@ -1,0 +1,174 @@
+"""Code usage, traversal and TensorBoard tags of vae/latents.py against numbers worked out by hand.
+
+The encoder is one Linear layer with hand-set weights and images that each light one pixel, so image i's
+posterior logits are exactly the weight column i: every q(z|x) below is chosen, not learned.
+"""
+import math
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from vae.device_data import DeviceSplit
+from vae.latents import code_usage, custom_scalars_layout, log_latents, traversal_grid
+from vae.model import IMAGE_PIXELS, CategoricalVAE
+
+N, K = 4, 3
+SURE = 100.0  # a logit margin that makes q one-hot to float32 precision (e^-100 ~ 4e-44)
+LOG_P = torch.log(torch.tensor([1.0, 2.0, 3.0], dtype=torch.float64))  # prior logits of p = (1/6, 2/6, 3/6)
+
+
+def image_logits(i: int) -> torch.Tensor:
+    """q(z|x_i) logits [N, K] for image i (i = 0, 1, 2), one variable per case:
+    0: q = p (collapsed onto a non-uniform prior)   1: one class for every image
+    2: uniform q (against a non-uniform prior)      3: one-hot per image, class i: the aggregate is uniform
+    """
+    one_hot_i = torch.zeros(K, dtype=torch.float64)
+    one_hot_i[i] = SURE
+    return torch.stack([LOG_P, torch.tensor([SURE, 0, 0], dtype=torch.float64),
+                        torch.zeros(K, dtype=torch.float64), one_hot_i])
+
+
+def hand_set_model() -> CategoricalVAE:
+    torch.manual_seed(0)
+    model = CategoricalVAE(N, K, prior="learned")
+    model.encoder = nn.Linear(IMAGE_PIXELS, N * K)
+    with torch.no_grad():
+        model.encoder.weight.zero_()
+        model.encoder.bias.zero_()
+        for i in range(K):
+            model.encoder.weight[:, i] = image_logits(i).flatten()
+        uniform = torch.zeros(K, dtype=torch.float64)
+        model.prior_logits.copy_(torch.stack([LOG_P, uniform, LOG_P, uniform]))
+    return model
+
+
+def one_pixel_images() -> torch.Tensor:
+    """K images; image i has pixel i white (read as 1.0 by DeviceSplit "none"), every other pixel black."""
+    images = torch.zeros(K, IMAGE_PIXELS, dtype=torch.uint8)
+    images[torch.arange(K), torch.arange(K)] = 255
+    return images
+
+
+@pytest.fixture(scope="module")
+def model():
+    return hand_set_model()
+
+
+@pytest.fixture(scope="module")
+def split():
+    return DeviceSplit(one_pixel_images(), "cpu", "none")
+
+
+def test_encoder_gives_the_chosen_posteriors(model, split):
+    x = next(split.batches(K))
+    torch.testing.assert_close(model.encode(x), torch.stack([image_logits(i) for i in range(K)]).float())
+
+
+@pytest.mark.parametrize("batch_size", [1, 2, K])  # 2: a short last batch must count its images once
+def test_code_usage_by_hand(model, split, batch_size):
+    stats = code_usage(model, split, batch_size=batch_size)
+    p = torch.tensor([1, 2, 3], dtype=torch.float64) / 6
+    entropy_p = -(p * p.log()).sum().item()
+    kl_uniform_vs_p = (1 / K * (math.log(1 / K) - p.log())).sum().item()  # = (2/3) log 6 - log 3 ~ 0.0959
+    torch.testing.assert_close(stats["perplexity"], torch.tensor(
+        [math.exp(entropy_p),  # 0: q = p for every image, so q̄ = p
+         1.0,                  # 1: one class: no choice at all
+         K,                    # 2: uniform q
+         K],                   # 3: one-hot per image, each class once: q̄ uniform
+        dtype=torch.float64))
+    torch.testing.assert_close(stats["kl_per_variable"], torch.tensor(
+        [0.0,                  # 0: collapsed, q == p
+         math.log(K),          # 1: one-hot q against a uniform prior: -log(1/K)
+         kl_uniform_vs_p,      # 2
+         math.log(K)],         # 3: one-hot again: confident per image, whatever the aggregate
+        dtype=torch.float64))
+    assert stats["perplexity_mean"] == pytest.approx((math.exp(entropy_p) + 1 + K + K) / N)
+    assert stats["active"] == 3  # all but the collapsed variable 0
+    # max_k q per variable: 3/6 (q = p), 1, 1/K, 1; the same for every image.
+    assert stats["confidence"] == pytest.approx((0.5 + 1 + 1 / K + 1) / N)
+    assert isinstance(stats["active"], int) and isinstance(stats["confidence"], float)
+
+
+def test_active_threshold_is_a_parameter(model, split):
+    # Variable 2 carries 0.0959 nats: active at the default 0.01, not at 0.1.
+    assert code_usage(model, split, batch_size=K, threshold=0.1)["active"] == 2
+
+
+def cell(grid: torch.Tensor, row: int, col: int) -> torch.Tensor:
+    """The 28x28 picture at (row, col) of a make_grid image with 2 px padding (channel 0 of 3 equal ones)."""
+    top, left = 2 + 30 * row, 2 + 30 * col
+    return grid[0, top:top + 28, left:left + 28]
+
+
+def test_traversal_rows_are_top_kl_variables_and_columns_are_classes(model, split):
+    x = next(split.batches(K))[1]  # image 1: argmax code (2, 0, 0, 1), ties going to the first class
+    kl = torch.tensor([0.5, 2.0, 0.1, 1.0])
+    grid = traversal_grid(model, x, kl, max_rows=3)
+    assert grid.shape == (3, 3 * 30 + 2, K * 30 + 2)
+    torch.testing.assert_close(grid[1], grid[0])
+    for r, variable in enumerate([1, 3, 0]):  # decreasing KL; variable 2 (lowest) is left out
+        for k in range(K):
+            code = torch.tensor([2, 0, 0, 1])
+            code[variable] = k
+            want = torch.sigmoid(model.decode(F.one_hot(code, K).float())).view(28, 28)
+            torch.testing.assert_close(cell(grid, r, k), want, msg=f"row {r} (variable {variable}), class {k}")
+
+
+def test_traversal_has_at_most_one_row_per_variable_in_a_stable_order(model, split):
+    x = next(split.batches(K))[0]
+    kl = torch.zeros(N)  # a fully collapsed model: rows in variable order
+    grid = traversal_grid(model, x, kl, max_rows=10)
+    assert grid.shape == (3, N * 30 + 2, K * 30 + 2)
+    code = torch.tensor([2, 0, 0, 2])  # image 0's code (2, 0, 0, 0) with variable 3 (row 3) set to class 2
+    want = torch.sigmoid(model.decode(F.one_hot(code, K).float())).view(28, 28)
+    torch.testing.assert_close(cell(grid, 3, 2), want)
+
+
+def test_custom_scalars_layout_names_the_tags_and_serialises():
+    from tensorboard.plugins.custom_scalar import layout_pb2
+    from torch.utils.tensorboard.summary import custom_scalars
+
+    layout = custom_scalars_layout()
+    charts = {title: spec for category in layout.values() for title, spec in category.items()}
+    want = {"loss": ["train/loss", "test/loss"], "bounds": ["test/loss", "test/elbo_discrete", "test/iw_bound"],
+            "perplexity": ["latents/perplexity"], "active": ["latents/active"],
+            "confidence": ["latents/confidence"], "grad_norm": ["train/grad_norm"]}
+    assert set(charts) == set(want) and set(layout) == {"losses", "latents"}
+    for title, tags in want.items():
+        kind, patterns = charts[title]
+        assert kind == "Multiline" and len(patterns) == len(tags)
+        for pattern, tag in zip(patterns, tags):
+            # TensorBoard keeps the tags a pattern re.match-es: exactly this one, not its longer namesakes.
+            assert re.match(pattern, tag) and not re.match(pattern, tag + "_per_variable"), (pattern, tag)
+
+    value = custom_scalars(layout).value[0]
+    parsed = layout_pb2.Layout.FromString(value.tensor.string_val[0])
+    assert [c.title for c in parsed.category] == list(layout)
+    assert value.metadata.plugin_data.plugin_name == "custom_scalars"
+
+
+def test_log_latents_writes_each_tag_under_one_plugin(model, split, tmp_path):
+    from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    stats = code_usage(model, split, batch_size=K)
+    grid = traversal_grid(model, next(split.batches(1)).squeeze(0), stats["kl_per_variable"])
+    with SummaryWriter(str(tmp_path)) as writer:
+        log_latents(writer, stats, grid, step=7)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert acc.PluginTagToContent("scalars").keys() == {"latents/perplexity", "latents/active", "latents/confidence"}
+    assert acc.PluginTagToContent("histograms").keys() == {"latents/perplexity_per_variable",
+                                                           "latents/kl_per_variable"}
+    assert acc.PluginTagToContent("images").keys() == {"latents/traversal"}
+
+    def scalar(tag):
+        (event,) = acc.Tensors(tag)
+        return event.step, float(event.tensor_proto.float_val[0])
+
+    assert scalar("latents/active") == (7, 3.0)
+    assert scalar("latents/perplexity")[1] == pytest.approx(stats["perplexity_mean"], rel=1e-6)
+    assert scalar("latents/confidence")[1] == pytest.approx(stats["confidence"], rel=1e-6)
