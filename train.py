@@ -65,12 +65,13 @@ def run(cfg: DictConfig, stop: StopFlag) -> float:
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
 
     device = resolve_device(cfg.device)
-    compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph)
     configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
     if cfg.device == "auto" and device.type == "cpu":
         log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
-    log.info("run directory %s | device %s | compile=%s cuda_graph=%s", run_dir, device, compile_mode, graph_mode)
     train_split, test_split = load_data(cfg, device)
+    steps_left = cfg.epochs * (train_split.n // cfg.batch_size) - (resumed["step"] if resumed else 0)
+    compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph, steps_left, cfg.compile_min_steps)
+    log.info("run directory %s | device %s | compile=%s cuda_graph=%s", run_dir, device, compile_mode, graph_mode)
 
     trainer = Trainer(cfg, train_split, device, compile=compile_mode, cuda_graph=graph_mode, should_stop=stop)
     if resumed:

@@ -401,7 +401,10 @@ def bench(cfg: DictConfig) -> Dict[str, Any]:
     for d in summary:
         if d["mode"] in profiles:
             d["profile"] = profiles[d["mode"]]
-    compile_default, graph_default = pick_modes(device, None, None)
+    # What train.py's auto modes pick for a run of estimate_epochs epochs.
+    per_epoch = next((d["steps_per_epoch"] for d in summary if d["status"] == "ok"), None)
+    compile_default, graph_default = pick_modes(device, None, None, per_epoch and cfg.estimate_epochs * per_epoch,
+                                                cfg.compile_min_steps)
     default_mode = {v: k for k, v in MODES.items()}[(compile_default, graph_default)]
     ours = [d for d in summary if d["status"] == "ok" and d["mode"] != "baseline"]
     result = {

@@ -114,6 +114,9 @@ class Config:
     # null = pick per device: on for CUDA, off for CPU (where compile time outweighs the gain on a short run).
     compile: Optional[bool] = None
     cuda_graph: Optional[bool] = None
+    # compile=null on CUDA compiles only a run of at least this many training steps (shorter ones finish sooner
+    # with the CUDA graph alone: docs/speed.md).
+    compile_min_steps: int = 100000
     tf32: bool = True
     # Flush subnormal floats to zero on the CPU (null = on for CPU runs; docs/speed.md).
     flush_denormal: Optional[bool] = None
@@ -162,6 +165,7 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be an integer >= 0")
     check(finite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a number > 0")
     check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
+    check(cfg.compile_min_steps >= 0, "compile_min_steps", cfg.compile_min_steps, "must be an integer >= 0")
     check(cfg.log_interval >= 1, "log_interval", cfg.log_interval, "must be an integer >= 1 (steps)")
     check(cfg.recon_images >= 1, "recon_images", cfg.recon_images, "must be an integer >= 1")
     check(cfg.prior_samples >= 1, "prior_samples", cfg.prior_samples, "must be an integer >= 1")

@@ -23,13 +23,19 @@ from vae.gumbel import sample_gumbel
 log = logging.getLogger(__name__)
 
 
-def pick_modes(device: torch.device, compile: Optional[bool], cuda_graph: Optional[bool]):
-    """Resolve `null` (auto) and refuse, with a warning rather than a crash, what the device cannot do."""
+def pick_modes(device: torch.device, compile: Optional[bool], cuda_graph: Optional[bool],
+               steps: Optional[int] = None, compile_min_steps: int = 0):
+    """Resolve `null` (auto) for a run of `steps` training steps, and refuse, with a warning rather than a crash,
+    what the device cannot do.
+
+    Auto on CUDA: capture the whole step as one CUDA graph (this tiny model is bound by kernel launches there), and
+    compile it too only when the run is long enough to repay the compilation: `compile_min_steps` or more steps
+    (docs/speed.md has the measured times this default comes from: whole process time is what a user waits for).
+    On a CPU neither: the compile time (tens of seconds on two cores) is not repaid by a default-length run.
+    """
     on_cuda = device.type == "cuda"
-    # Auto: on CUDA, compile and capture the whole step as one CUDA graph: this tiny model is bound by kernel
-    # launches there (docs/speed.md). On a CPU neither: the compile time (tens of seconds on two cores) is not
-    # repaid by a default-length run.
-    compile = on_cuda if compile is None else compile
+    if compile is None:
+        compile = on_cuda and (steps is None or steps >= compile_min_steps)
     cuda_graph = on_cuda if cuda_graph is None else cuda_graph
     if cuda_graph and not on_cuda:
         log.warning("cuda_graph=true needs a CUDA device; running on %s without it", device)
