@@ -11,7 +11,8 @@ import torch
 
 from conftest import run_script, run_train, tiny_overrides
 from vae.device_data import DeviceSplit
-from vae.engine import TrainStep, batch_loss, make_optimizer, set_lr_
+from vae.engine import TrainStep, make_optimizer, set_lr_
+from vae.estimators import make_estimator
 from vae.gumbel import sample_gumbel
 from vae.model import CategoricalVAE
 
@@ -49,7 +50,8 @@ def make_step(device, *, compile=False, cuda_graph=False, lr=1e-3, noise_seed=2)
     optimizer = make_optimizer(model, lr, device, cuda_graph, compile)
     gens = {"shuffle": torch.Generator(device=device).manual_seed(1),
             "noise": torch.Generator(device=device).manual_seed(noise_seed)}
-    step = TrainStep(model, optimizer, split, batch_size=BATCH, hard=False, noise_generator=gens["noise"],
+    step = TrainStep(model, optimizer, split, batch_size=BATCH, estimator=make_estimator("gumbel"),
+                     noise_generator=gens["noise"],
                      binarize_generator=None, compile=compile, cuda_graph=cuda_graph)
     with torch.no_grad():
         for k, v in model.state_dict().items():
@@ -65,7 +67,7 @@ def train(device, **kw) -> CategoricalVAE:
         if i % per_epoch == 0:
             perm = torch.randperm(split.n, generator=gens["shuffle"], device=split.device)
         j = i % per_epoch
-        stats = step(perm[j * BATCH:(j + 1) * BATCH], tau)
+        stats, _ = step(perm[j * BATCH:(j + 1) * BATCH], tau)
     assert torch.isfinite(stats).all()
     # A CPU copy: the original's parameters stay where a captured graph recorded them.
     copy = CategoricalVAE(LATENT, CATS)
@@ -79,7 +81,7 @@ def final_loss(model: CategoricalVAE) -> float:
     split = DeviceSplit(IMAGES, "cpu")
     x = split.batch(torch.arange(split.n))
     noise = sample_gumbel((split.n, LATENT, CATS), generator=torch.Generator().manual_seed(123))
-    return batch_loss(model, x, noise, torch.tensor(1.0), False)[0].item()
+    return make_estimator("gumbel").batch_loss(model, x, noise, torch.tensor(1.0))[1].item()
 
 
 @pytest.fixture(scope="module")
@@ -112,14 +114,14 @@ def test_cuda_graph_replays_draw_fresh_noise(cpu_model):
     tau = torch.tensor(1.0, device=split.device)
     weights = [p.detach().clone() for p in model.parameters()]
     start = gens["noise"].get_state()
-    first, second = step(idx, tau), step(idx, tau)
+    first, second = step(idx, tau)[0], step(idx, tau)[0]
     assert torch.isfinite(first).all() and torch.isfinite(second).all()
     assert abs(first[0].item() - second[0].item()) > 1e-3, "two replays drew the same Gumbel noise"
     assert all(torch.equal(a, b) for a, b in zip(weights, model.parameters()))
     # The graph reads the generator's state at each replay: restoring it (as a resumed run does) replays the
     # same noise again.
     gens["noise"].set_state(start)
-    assert torch.allclose(step(idx, tau), first, rtol=1e-6, atol=0)
+    assert torch.allclose(step(idx, tau)[0], first, rtol=1e-6, atol=0)
     # The learning rate is read at every replay as well: raised from 0, it moves the weights with no new capture.
     set_lr_(step.optimizer, 1e-3)
     step(idx, tau)
