@@ -40,6 +40,11 @@ class _StraightThrough(torch.autograd.Function):
         return grad, None
 
 
+def straight_through(y_soft: torch.Tensor, y_hard: torch.Tensor) -> torch.Tensor:
+    """Exactly `y_hard` forward; backward, the gradient goes to `y_soft` as if it had been used instead."""
+    return _StraightThrough.apply(y_soft, y_hard)
+
+
 def one_hot_argmax(scores: torch.Tensor) -> torch.Tensor:
     """One-hot of the argmax over the last dimension, in the dtype of `scores`."""
     return F.one_hot(scores.argmax(dim=-1), scores.shape[-1]).to(scores.dtype)

@@ -1,0 +1,110 @@
+"""What every estimator shares: the interface, exact categorical samples from the caller's noise, log q(z|x),
+and the moving-average baseline of the score-function estimators."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vae.gumbel import one_hot_argmax
+
+
+class Estimator:
+    """One gradient estimator. Subclasses set the class attributes and implement `batch_loss`.
+
+    name       the `estimator=` setting;
+    one_hot    the decoder sees exact one-hot codes, so the logged loss is the discrete negative ELBO (every
+               estimator but gumbel, whose logged loss is the relaxed one);
+    uses_tau   the temperature changes the gradient (never the forward value of a one-hot estimator).
+    """
+
+    name = ""
+    one_hot = True
+    uses_tau = False
+
+    def __init__(self, *, samples: int = 1, baseline_decay: float = 0.9, device=None):
+        self.samples = samples
+
+    def noise_shape(self, batch_size: int, latent_dim: int, categorical_dim: int) -> tuple:
+        """Shape of the standard Gumbel noise the caller draws for one batch: one draw per latent class."""
+        return (batch_size, latent_dim, categorical_dim)
+
+    def batch_loss(self, model, x: torch.Tensor, noise: torch.Tensor, tau: torch.Tensor):
+        """(surrogate, loss, bce, kl), 0-d tensors: batch means; `surrogate.backward()` gives the estimate."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Nothing to load: a stateless estimator ignores the state of another one (a run resumed with a new
+        `estimator=`)."""
+
+
+def sample_codes(logits: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """Exact one-hot samples z ~ q(z|x) = Categorical(softmax(logits)) by Gumbel-max, one per leading slice of
+    `noise` ([..., B, N, K] noise gives [..., B, N, K] codes). No gradient flows through a sample."""
+    return one_hot_argmax(logits.detach() + noise)
+
+
+def log_q(logits: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+    """log q(z|x) = sum_n log softmax(logits_n)[z_n] of one-hot codes z [..., B, N, K], shape [..., B].
+
+    A gather, not sum(z * log q): 0 * (-inf) would be NaN where a class's probability has underflowed.
+    """
+    log_probs = F.log_softmax(logits, dim=-1).expand_as(z)
+    return log_probs.gather(-1, z.argmax(dim=-1, keepdim=True)).sum(dim=(-2, -1))
+
+
+def score(log_prob: torch.Tensor) -> torch.Tensor:
+    """Zero in value, grad log q in gradient: `signal * score(log q)` adds the REINFORCE term signal * grad log q
+    to a surrogate without changing its value, so that the surrogate's value is the logged loss."""
+    return log_prob - log_prob.detach()
+
+
+class MovingAverageBaseline:
+    """b, an exponential moving average of the batch-mean learning signal (Williams 1992; Mnih & Gregor
+    2014 use the same kind of baseline).
+
+    A baseline keeps REINFORCE unbiased as long as it does not depend on the sample it is subtracted from; the
+    average of earlier batches does not. The first batch has no earlier batches: there each image's baseline is the
+    mean of the *other* images' signals (leave-one-out, also independent of its own sample), and the average starts
+    at that batch's mean.
+
+    The state is two 0-d tensors on the device, updated in place: a captured CUDA graph holds their addresses, and
+    `torch.where` instead of an `if` keeps the first-batch case free of host syncs.
+
+    `torch.compile` runs this call eagerly (one graph break). Inside a compiled graph, a state tensor that is read
+    and then updated in place is a mutated graph input, and AOTAutograd may recompute the baseline from it in the
+    backward pass, after the update: with torch 2.14's aot_eager backend the gradient then used the new average
+    instead of the old one (tests/test_estimators.py, the compile test, checks the gradients against eager mode).
+    """
+
+    def __init__(self, decay: float, device):
+        self.decay = decay
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+        self.initialised = torch.zeros((), dtype=torch.bool, device=device)
+
+    @torch.compiler.disable
+    def __call__(self, signal: torch.Tensor) -> torch.Tensor:
+        """The baseline for each element of `signal` (detached, any shape), then the average takes its mean in."""
+        signal = signal.detach()
+        n = signal.numel()
+        total = signal.sum()
+        leave_one_out = (total - signal) / max(n - 1, 1)
+        baseline = torch.where(self.initialised, self.value, leave_one_out)
+        mean = total / n
+        updated = torch.where(self.initialised, self.decay * self.value + (1 - self.decay) * mean, mean)
+        with torch.no_grad():
+            self.value.copy_(updated)
+            self.initialised.fill_(True)
+        return baseline
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.value.detach().clone(), "initialised": self.initialised.detach().clone()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """In place (a captured graph reads these addresses). An empty state, from a run of a stateless estimator,
+        starts the average afresh."""
+        with torch.no_grad():
+            self.value.copy_(state.get("baseline", torch.zeros(())))
+            self.initialised.copy_(state.get("initialised", torch.zeros((), dtype=torch.bool)))

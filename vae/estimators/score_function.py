@@ -1,0 +1,123 @@
+"""Score-function (REINFORCE) estimators: unbiased, whatever the decoder, at the price of variance.
+
+With f(z) = -log p(x|z) (the BCE at a one-hot sample z ~ q(z|x)) and the analytic KL,
+
+    grad E_q[f(z)] + grad KL = E_q[(f(z) - b) grad log q(z|x)] + grad KL
+
+for any baseline b that does not depend on z. Each surrogate below is built so that its *value* is the logged
+discrete negative ELBO, f(z) + KL, and its gradient is the estimator's: the REINFORCE term enters as
+signal * (log q - log q.detach()), zero in value. The decoder's gradient is ordinary backpropagation through f at
+the sampled code (an unbiased estimate of its own gradient), the learned prior's that of the KL.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from vae.estimators.base import Estimator, MovingAverageBaseline, log_q, sample_codes, score
+from vae.loss import bce_per_image, kl_categorical
+
+
+def reconstruction(model, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """f(z) = -log p(x|z) per image for codes z [..., B, N, K] (several samples of one batch at once): [..., B]."""
+    x_logits = model.decode(z)
+    return bce_per_image(x_logits, x.expand_as(x_logits))
+
+
+class _WithBaseline(Estimator):
+    """An estimator whose state is a MovingAverageBaseline (checkpointed with the run)."""
+
+    def __init__(self, *, samples=1, baseline_decay=0.9, device=None):
+        super().__init__(samples=samples)
+        self.baseline = MovingAverageBaseline(baseline_decay, device)
+
+    def state_dict(self):
+        return self.baseline.state_dict()
+
+    def load_state_dict(self, state):
+        self.baseline.load_state_dict(state)
+
+
+class SF(_WithBaseline):
+    """REINFORCE (Williams 1992) with a moving-average baseline: encoder gradient
+    (f(z) - b) grad log q(z|x) per image, one sample z ~ q, plus grad KL.
+
+    b is an exponential moving average of the batch-mean f over past batches (`baseline_decay`), leave-one-out
+    within the first batch (see MovingAverageBaseline): it removes the overall level of f, not each image's.
+    """
+
+    name = "sf"
+
+    def batch_loss(self, model, x, noise, tau):
+        logits = model.encode(x)
+        z = sample_codes(logits, noise)
+        f = reconstruction(model, z, x)
+        kl = kl_categorical(logits, model.log_prior())
+        loss = f + kl
+        signal = f.detach() - self.baseline(f)
+        surrogate = loss + signal * score(log_q(logits, z))
+        return surrogate.mean(), loss.mean(), f.mean(), kl.mean()
+
+
+class RLOO(Estimator):
+    """REINFORCE leave-one-out (Kool, van Hoof & Welling 2019, "Buy 4 REINFORCE samples, get a baseline for
+    free!"): k >= 2 samples per image, each one's baseline the mean f of the other k - 1:
+
+        (1/k) sum_i (f(z_i) - (1/(k-1)) sum_{j != i} f(z_j)) grad log q(z_i|x)  +  grad KL.
+
+    The decoder's gradient and the logged loss are the means over the k samples. Noise [k, B, N, K].
+    """
+
+    name = "rloo"
+
+    def noise_shape(self, batch_size, latent_dim, categorical_dim):
+        return (self.samples, batch_size, latent_dim, categorical_dim)
+
+    def batch_loss(self, model, x, noise, tau):
+        k = noise.shape[0]
+        logits = model.encode(x)
+        z = sample_codes(logits, noise)                          # [k, B, N, K]
+        f = reconstruction(model, z, x)                          # [k, B]
+        kl = kl_categorical(logits, model.log_prior())           # [B]
+        loss = f + kl
+        others = (f.detach().sum(dim=0) - f.detach()) / (k - 1)
+        surrogate = loss + (f.detach() - others) * score(log_q(logits, z))
+        return surrogate.mean(), loss.mean(), f.mean(), kl.mean()
+
+
+def taylor_terms(model, mu: torch.Tensor, x: torch.Tensor):
+    """f at the mean-field code mu and its gradient df/dmu, per image, with the decoder's weights held fixed
+    (they are no part of MuProp's control variate): ([B], [B, N, K]), both detached."""
+    with torch.enable_grad():
+        mu = mu.detach().requires_grad_(True)
+        f_mu = reconstruction(model, mu, x)
+        # The images are independent, so the gradient of the sum holds each image's own gradient.
+        (grad,) = torch.autograd.grad(f_mu.sum(), mu)
+    return f_mu.detach(), grad.detach()
+
+
+class MuProp(_WithBaseline):
+    """MuProp (Gu, Levine, Sutskever & Mnih 2016): REINFORCE with the first-order Taylor expansion of f around the
+    mean-field code mu = E_q[z] = softmax(logits) as control variate, its expectation added back analytically:
+
+        (f(z) - f(mu) - f'(mu).(z - mu) - b) grad log q(z|x)  +  f'(mu) . d mu/d logits  +  grad KL.
+
+    Unbiased because E_q[z] = mu, so E_q[f'(mu).(z - mu) grad log q] = f'(mu) . grad E_q[z] = f'(mu) . d mu. Gu et
+    al. also centre what is left of the signal with a baseline, as NVIL does; here it is sf's moving average b.
+    """
+
+    name = "muprop"
+
+    def batch_loss(self, model, x, noise, tau):
+        logits = model.encode(x)
+        z = sample_codes(logits, noise)
+        f = reconstruction(model, z, x)
+        kl = kl_categorical(logits, model.log_prior())
+        loss = f + kl
+        mu = F.softmax(logits, dim=-1)
+        f_mu, grad_mu = taylor_terms(model, mu, x)
+        residual = f.detach() - f_mu - (grad_mu * (z - mu.detach())).sum(dim=(-2, -1))
+        signal = residual - self.baseline(residual)
+        linear = (grad_mu * mu).sum(dim=(-2, -1))  # its gradient: f'(mu) . d mu/d logits; zero in value below
+        surrogate = loss + signal * score(log_q(logits, z)) + (linear - linear.detach())
+        return surrogate.mean(), loss.mean(), f.mean(), kl.mean()
