@@ -104,7 +104,7 @@ class Config:
     # Samples per image for rloo and gumbel_rao (null = the estimator's own default).
     estimator_samples: Optional[int] = None
     # Decay of the moving-average baseline of the score-function estimators.
-    baseline_decay: float = 0.99
+    baseline_decay: float = 0.9
     prior: str = "uniform"
     batch_size: int = 100
     epochs: int = 10

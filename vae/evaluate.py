@@ -190,7 +190,10 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     check_writable(path.parent, "checkpoint")
     model = build_model(ckpt, path).to(device)
     test = load_test_split(data_config(ckpt, path, cfg.data_root), device)
-    tau, hard = float(ckpt["tau"]), bool(ckpt["config"].get("hard", False))
+    # The relaxed loss as the run's estimator computed it: one-hot (straight-through) codes for every estimator but
+    # gumbel (and `hard`, the historical switch for st_gumbel).
+    c = ckpt["config"]
+    tau, hard = float(ckpt["tau"]), bool(c.get("hard", False)) or c.get("estimator", "gumbel") != "gumbel"
 
     # One fresh generator per metric: changing k (or the image settings) leaves every other number unchanged.
     def generator() -> torch.Generator:
