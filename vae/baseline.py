@@ -95,11 +95,11 @@ class BaselineRun:
 @entry_point
 def main(cfg: DictConfig) -> None:
     """Train the textbook port for `epochs` whole epochs (the bench settings), one line per epoch."""
-    from vae.bench import validate
     from vae.checks import resolve_device
+    from vae.config import validate_ranges
     from vae.engine import configure_device
 
-    validate(cfg)
+    validate_ranges(cfg)
     device = resolve_device(cfg.device)
     configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
     runner = BaselineRun(cfg, device)

@@ -19,7 +19,6 @@ import json
 import logging
 import math
 import os
-import platform
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -35,7 +34,7 @@ from vae.atomic import atomic_write_text
 from vae.checks import resolve_device
 from vae.config import CONFIG_DIR, Config, check, validate_ranges
 from vae.errors import UserError, describe, entry_point
-from vae.schedule import tau_for
+from vae.machine import machine_info
 
 log = logging.getLogger("vae.bench")
 
@@ -170,32 +169,6 @@ def block_sizes(steps: int, rounds: int) -> List[int]:
     """`steps` split into at most `rounds` blocks of near-equal size (none empty)."""
     rounds = min(rounds, steps)
     return [steps // rounds + (i < steps % rounds) for i in range(rounds)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> Dict[str, Any]:
-    import torchvision
-
-    info = {
-        "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-        "torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
-        "cuda": torch.version.cuda, "python": platform.python_version(), "platform": platform.platform(),
-        "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
-        "cpus_usable": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count(),
-        "torch_threads": torch.get_num_threads(), "torch_interop_threads": torch.get_num_interop_threads(),
-        "env": {k: os.environ.get(k) for k in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OMP_WAIT_POLICY")},
-    }
-    return info
 
 
 def build_rows(cfg: DictConfig, device: torch.device) -> List[Row]:
