@@ -84,6 +84,12 @@ def test_command_end_to_end(tmp_path):
                                         generator=torch.Generator().manual_seed(0))
     for name, value in want.items():
         assert m[name] == pytest.approx(value, rel=1e-6), name
+    # ... and the bound is one: with 4**3 = 64 codes, -log p(x) <= E[IW bound] is known exactly. A missing log k
+    # would put the estimate log 10 = 2.3 nats below -log p(x), which the one-sided 1-nat check above lets through.
+    from test_documented_paths import exact_nll
+
+    nll = exact_nll(model, torch.cat(list(test.batches(N_TEST))))
+    assert nll - 0.2 < m["iw_bound"], (nll, m["iw_bound"], m["elbo_discrete"])
     usage = latents.code_usage(model, test, batch_size=5)
     got = result["latents"]
     assert (got["latent_dim"], got["categorical_dim"], got["active_kl"]) == (3, 4, 0.01)

@@ -30,8 +30,9 @@ def long_overrides(data_root, run_dir, *extra):
                           "anneal_interval=7", "anneal_rate=1e-3", *extra)
 
 
-def interrupt_during(args, wait_for: str, sig, delay: float = 0.4) -> subprocess.CompletedProcess:
-    """Start train.py, wait for a line containing `wait_for`, let it run `delay` s more, then send `sig`."""
+def interrupt_during(args, wait_for: str, sig, delay: float = 0.4, ready=None) -> subprocess.CompletedProcess:
+    """Start train.py, wait for a line containing `wait_for`, let it run `delay` s more (or until `ready()`), then
+    send `sig`."""
     proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=subprocess_env(), text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     out = []
@@ -39,10 +40,24 @@ def interrupt_during(args, wait_for: str, sig, delay: float = 0.4) -> subprocess
         out.append(line)
         if wait_for in line:
             break
-    time.sleep(delay)
+    if ready is None:
+        time.sleep(delay)
+    else:
+        deadline = time.time() + 120
+        while not ready() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
     proc.send_signal(sig)
     rest, _ = proc.communicate(timeout=120)
     return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out) + rest, "")
+
+
+def logged_past(run_dir, step: int):
+    """A `ready` for interrupt_during: the event file holds train scalars of a step after `step` (the end of epoch
+    1), so the run is inside epoch 2. The epoch's log line alone is printed before the epoch's checkpoint, images and
+    flush: a signal sent a fixed delay after it can land before epoch 2's first step on a loaded machine."""
+    from tb_events import steps_on_disk
+
+    return lambda: max(steps_on_disk(run_dir), default=0) > step
 
 
 def model_of(path):
@@ -54,7 +69,8 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(long_data, tmp_path)
     proc = run_train(long_overrides(long_data, straight, "epochs=4"))
     assert proc.returncode == 0, proc.stderr
 
-    proc = interrupt_during(long_overrides(long_data, broken, "epochs=4"), "epoch 1/4", signal.SIGTERM)
+    proc = interrupt_during(long_overrides(long_data, broken, "epochs=4"), "epoch 1/4", signal.SIGTERM,
+                            ready=logged_past(broken, 500))
     assert proc.returncode == 143, proc.stdout
     assert "resume=" in proc.stdout and "SIGTERM" in proc.stdout
     ckpt = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)
@@ -75,11 +91,16 @@ def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(long_data, tmp_path)
 
 def test_ctrl_c_saves_and_exits_130(long_data, tmp_path):
     run_dir = tmp_path / "run"
-    proc = interrupt_during(long_overrides(long_data, run_dir, "epochs=3"), "epoch 1/3", signal.SIGINT)
+    proc = interrupt_during(long_overrides(long_data, run_dir, "epochs=3"), "epoch 1/3", signal.SIGINT,
+                            ready=logged_past(run_dir, 500))
     assert proc.returncode == 130, proc.stdout
     assert "Traceback" not in proc.stdout
     ckpt = ckpt_io.load_checkpoint(run_dir / "checkpoints" / "last.pt")
     assert ckpt["step"] > 0
+    # Saved on the signal, mid-epoch 2: the epoch-1 checkpoint (step 500, epoch_step 0), written before the
+    # signal, would satisfy the check above on its own.
+    assert ckpt["epoch"] == 1 and 0 < ckpt["epoch_step"] < 500, (ckpt["epoch"], ckpt["epoch_step"])
+    assert ckpt["step"] == 500 + ckpt["epoch_step"] and ckpt["step"] % 500 != 0
     # the event file was flushed and closed: the scalars written before the signal are readable
     from test_train import scalar_steps
 
