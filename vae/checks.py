@@ -83,6 +83,13 @@ class ValidateOnStart(Callback):
     def _validate(config: DictConfig, output_dir: str) -> None:
         task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
         try:
+            validate_ranges(task_cfg)
+            # Threads and the subnormal flush before the first parallel op (a resume check below builds a model):
+            # worker threads copy the flush flag only from the thread that starts them.
+            from vae.engine import configure_device
+
+            configure_device(resolve_device(task_cfg.device), task_cfg.tf32, task_cfg.threads,
+                             task_cfg.flush_denormal)
             validate(task_cfg, output_dir, list(config.hydra.overrides.task))
         except UserError as e:
             exit_with(e)

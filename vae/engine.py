@@ -56,11 +56,13 @@ def configure_device(device: torch.device, tf32: bool, threads=None, flush_denor
     flush_denormal (null = on for a CPU run): subnormal floats, which build up in Adam's moments as training goes
     on, take x86 CPUs' slow microcode path; flushing them to zero keeps every epoch as fast as the first
     (docs/speed.md says what it changes numerically)."""
-    if threads is not None:
-        torch.set_num_threads(threads)
+    # The flag is per thread, and worker threads copy it from the thread that starts them: set it before any
+    # parallel op starts the intra-op pool (train.py's start-up hook does; docs/denormals.md, "Threads").
     if flush_denormal is None:
         flush_denormal = device.type == "cpu"
     torch.set_flush_denormal(bool(flush_denormal))
+    if threads is not None:
+        torch.set_num_threads(threads)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = tf32
         torch.backends.cudnn.allow_tf32 = tf32
