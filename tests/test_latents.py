@@ -182,7 +182,8 @@ def test_code_usage_on_cuda_matches_the_cpu_and_syncs_once(model, split):
     cuda_model = hand_set_model().cuda()
     cuda_split = DeviceSplit(one_pixel_images(), "cuda", "none")
     torch.cuda.synchronize()
-    torch.cuda.set_sync_debug_mode("warn")  # every synchronizing CUDA call becomes a warning
+    # Every synchronizing CUDA call it detects becomes a warning (a prototype: it may miss some, never invents one).
+    torch.cuda.set_sync_debug_mode("warn")
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
