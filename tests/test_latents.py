@@ -5,6 +5,7 @@ posterior logits are exactly the weight column i: every q(z|x) below is chosen, 
 """
 import math
 import re
+import warnings
 
 import pytest
 import torch
@@ -172,3 +173,29 @@ def test_log_latents_writes_each_tag_under_one_plugin(model, split, tmp_path):
     assert scalar("latents/active") == (7, 3.0)
     assert scalar("latents/perplexity")[1] == pytest.approx(stats["perplexity_mean"], rel=1e-6)
     assert scalar("latents/confidence")[1] == pytest.approx(stats["confidence"], rel=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_code_usage_on_cuda_matches_the_cpu_and_syncs_once(model, split):
+    cpu = code_usage(model, split, batch_size=2)
+    cuda_model = hand_set_model().cuda()
+    cuda_split = DeviceSplit(one_pixel_images(), "cuda", "none")
+    torch.cuda.synchronize()
+    # Every synchronizing CUDA call it detects becomes a warning (a prototype: it may miss some, never invents one).
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            gpu = code_usage(cuda_model, cuda_split, batch_size=2)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, syncs
+    assert gpu["perplexity"].device.type == "cpu" and gpu["active"] == cpu["active"]
+    torch.testing.assert_close(gpu["perplexity"], cpu["perplexity"])
+    torch.testing.assert_close(gpu["kl_per_variable"], cpu["kl_per_variable"], atol=1e-5, rtol=1e-5)
+    assert gpu["confidence"] == pytest.approx(cpu["confidence"], rel=1e-6)
+    x = next(split.batches(K))[1]
+    torch.testing.assert_close(traversal_grid(cuda_model, x.cuda(), cpu["kl_per_variable"]),
+                               traversal_grid(model, x, cpu["kl_per_variable"]), atol=1e-5, rtol=1e-5)

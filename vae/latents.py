@@ -21,8 +21,9 @@ import torch.nn.functional as F
 
 from vae.loss import kl_categorical
 
-# A variable counts as active when it carries more than this many nats per image on average (Burda et al. 2016
-# use a variance threshold for Gaussian units; for categorical ones the KL itself is the natural measure).
+# A variable counts as active when its mean KL exceeds this many nats per image. 0.01 is Burda et al.'s (2016)
+# active-unit threshold, there on the variance of a Gaussian unit's posterior mean; for a categorical variable
+# the KL is the direct measure: it is 0 exactly when q(z_n|x) = p(z_n) for every image.
 ACTIVE_KL = 0.01
 
 
