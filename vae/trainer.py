@@ -147,6 +147,12 @@ class Trainer:
 
     def load(self, ckpt: dict) -> None:
         """Continue from a checkpoint, in place (a captured graph holds the tensors' addresses)."""
+        saved = {name: ckpt["rng"][name].numel() for name in self.state.gens}
+        if any(n != self.state.gens[name].get_state().numel() for name, n in saved.items()):
+            # CPU and CUDA generators keep different states: exact resume needs the device type it was saved on.
+            raise UserError(f"the checkpoint's random streams are not those of a {self.device.type} device: it was "
+                            f"written on {'a CUDA GPU' if self.device.type == 'cpu' else 'the CPU'}; resume it with "
+                            f"device={'cuda' if self.device.type == 'cpu' else 'cpu'}")
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 v.copy_(ckpt["model"][k])
