@@ -11,43 +11,34 @@ The loop itself is vae/trainer.py.
 """
 from __future__ import annotations
 
-import json
+import contextlib
 import logging
-import shlex
 from pathlib import Path
+from typing import Optional
 
 import hydra
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vae import metrics
-from vae.atomic import atomic_write_text
-from vae.checkpoint import RunCheckpoints, check_model_state, load_checkpoint, resume_config
-from vae.checks import resolve_device, validate
+from vae.checkpoint import RunCheckpoints
+from vae.checks import check_new_run_dir, resolve_device, validate
 from vae.engine import configure_device, pick_modes
-from vae.errors import TrainingDiverged, entry_point
+from vae.errors import TrainingDiverged, entry_point, memory_hint
+from vae.device_data import load_device_splits
 from vae.gumbel import sample_gumbel
 from vae.progress import ProgressBar, StopFlag
+from vae.rundir import locked, override, resolve_run, write_metrics
 
 log = logging.getLogger("train")
 
 
-def load_data(cfg: DictConfig, device: torch.device):
-    """Train and test splits, each held once on the device as uint8."""
-    from vae.data import load_splits
-    from vae.device_data import make_splits
-
-    (train_images, _), (test_images, _) = load_splits(cfg.data, ("train", "test"))
-    return make_splits(train_images, test_images, device, cfg.data.binarize, cfg.data.binarize_seed)
-
-
 def train(cfg: DictConfig) -> float:
-    with StopFlag() as stop:
-        return run(cfg, stop)
+    with StopFlag() as stop, contextlib.ExitStack() as held:
+        return run(cfg, stop, held)
 
 
-def run(cfg: DictConfig, stop: StopFlag) -> float:
+def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from vae.tensorboard import TensorBoardLog, log_hparams
@@ -55,30 +46,33 @@ def run(cfg: DictConfig, stop: StopFlag) -> float:
 
     hydra_cfg = HydraConfig.get()
     validate(cfg, check_resume=False)  # again: in a multirun, each job's values are only known here
-    run_dir, resumed = Path(hydra_cfg.runtime.output_dir), None
-    if cfg.resume is not None:
-        resumed = load_checkpoint(cfg.resume, key="resume")
-        cfg = resume_config(cfg, resumed, hydra_cfg.overrides.task)
-        validate(cfg, check_resume=False)
-        # A resumed run continues in its own directory, so TensorBoard shows one unbroken run.
-        run_dir = Path(cfg.resume).expanduser().resolve().parent.parent
+    cfg, run_dir, resumed, in_place = resolve_run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task)
+    held.enter_context(locked(run_dir, resuming=in_place is not None))  # one train.py per run directory
+    check_new_run_dir(run_dir, cfg.resume)
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
+    sizes = f"batch_size={cfg.batch_size}, eval.batch_size={cfg.eval.batch_size} and the code, latent_dim x " \
+            f"categorical_dim = {cfg.latent_dim} x {cfg.categorical_dim}"
+    held.enter_context(memory_hint("while training", sizes))
 
-    device = resolve_device(cfg.device)
-    configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
-    if cfg.device == "auto" and device.type == "cpu":
-        log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
-    train_split, test_split = load_data(cfg, device)
-    steps_left = cfg.epochs * (train_split.n // cfg.batch_size) - (resumed["step"] if resumed else 0)
-    compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph, steps_left, cfg.compile_min_steps)
-    log.info("run directory %s | device %s | compile=%s cuda_graph=%s", run_dir, device, compile_mode, graph_mode)
+    with stop.at_once("during start-up"):  # nothing to save yet: a signal here ends the run at once
+        device = resolve_device(cfg.device)
+        configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
+        if cfg.device == "auto" and device.type == "cpu":
+            log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
+        train_split, test_split = load_device_splits(cfg.data, device)
+        steps_left = cfg.epochs * (train_split.n // cfg.batch_size) - (resumed["step"] if resumed else 0)
+        compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph, steps_left,
+                                              cfg.compile_min_steps)
+        log.info("run directory %s | device %s | compile=%s cuda_graph=%s", run_dir, device, compile_mode,
+                 graph_mode)
 
-    trainer = Trainer(cfg, train_split, device, compile=compile_mode, cuda_graph=graph_mode, should_stop=stop)
-    if resumed:
-        check_model_state(resumed, trainer.initial_weights, cfg.resume)
-        trainer.load(resumed)
-        log.info("resumed %s at step %d (%d epochs and %d steps done), tau %.4f", cfg.resume, trainer.state.step,
-                 trainer.state.epoch, trainer.state.epoch_step, trainer.state.tau)
+        trainer = Trainer(cfg, train_split, device, compile=compile_mode, cuda_graph=graph_mode,
+                          should_stop=stop)
+        if resumed:
+            trainer.resume(resumed, cfg.resume)
+        if trainer.state.epoch < cfg.epochs:
+            trainer.build()  # the optimizer, and the compiled or captured step: seconds to minutes
+    start_step = trainer.state.step
 
     # Fixed inputs for the image grids, so that epochs can be compared picture to picture.
     recon_x = test_split.batch(torch.arange(min(cfg.recon_images, test_split.n), device=device))
@@ -94,42 +88,51 @@ def run(cfg: DictConfig, stop: StopFlag) -> float:
             kept = (f"the last good checkpoint {checkpoints.last} was kept" if checkpoints.last.exists()
                     else "no checkpoint had been written yet")
             raise TrainingDiverged(f"{e}; {kept}") from None
-        if stop():  # Ctrl-C / SIGTERM: keep what is done, say how to go on
+        s = trainer.state
+        if stop() and s.epoch < cfg.epochs:  # Ctrl-C / SIGTERM: keep what is done, say how to go on
             progress.close()
             checkpoints.save(trainer)
-            s = trainer.state
             where = f"during epoch {s.epoch + 1}" if s.epoch_step else f"after epoch {s.epoch}"
-            log.warning("stopped by %s %s, at step %d; checkpoint saved. Resume with:\n  python train.py resume=%s",
-                        stop.name, where, s.step, shlex.quote(str(checkpoints.last)))
+            log.warning("stopped by %s %s, at step %d; checkpoint saved. Resume with:\n  python train.py %s",
+                        stop.name, where, s.step, override("resume", checkpoints.last))
             raise SystemExit(stop.exit_code)
         if test is None:  # nothing left to train (epochs=0, or resuming a finished run): report the model as it is
             test = trainer.test(test_split)
-        s = trainer.state
         results = {"test_loss": test["loss"], "test_elbo_discrete": test["elbo_discrete"], "epochs": s.epoch,
                    "step": s.step, "tau": s.tau, "train_seconds": trainer.train_seconds,
                    "build_seconds": trainer.build_seconds}
         if cfg.eval.iw_samples > 0:
-            results["test_iw_bound"] = final_iw_bound(cfg, trainer, test_split, tb)
+            iw = None if stop() else final_iw_bound(cfg, trainer, test_split, tb, stop)
+            results.update({"test_iw_bound": iw} if iw is not None else  # stopped: all but the bound is saved
+                           {"stopped": f"by {stop.name} before the importance-weighted bound was done"})
         log_hparams(tb.writer, cfg, {"test/loss": results["test_loss"],
                                      "test/elbo_discrete": results["test_elbo_discrete"]})
-    results["overrides"] = list(hydra_cfg.overrides.task)
-    atomic_write_text(run_dir / "metrics.json", json.dumps(results, indent=2) + "\n")
+    written = write_metrics(run_dir, results, list(hydra_cfg.overrides.task), resumed_in_place=in_place is not None,
+                            trained=s.step > start_step)
+    if not written:
+        log.info("metrics.json kept as it was: this resume trained nothing (the run had finished)")
+    if "stopped" in results:
+        log.warning("stopped by %s after training (checkpoints in %s); metrics.json has all but the "
+                    "importance-weighted bound. Compute it with:\n  python -m vae.evaluate %s iw_samples=%d",
+                    stop.name, checkpoints.dir, override("checkpoint", checkpoints.last), cfg.eval.iw_samples)
+        raise SystemExit(stop.exit_code)
     log.info("done: test loss %.2f nats/image; %.2f s of training steps; checkpoints in %s", results["test_loss"],
              trainer.train_seconds, checkpoints.dir)
     return results["test_loss"]
 
 
-def final_iw_bound(cfg: DictConfig, trainer, test_split, tb) -> float:
-    """The importance-weighted bound on -log p(x) of the test set (Burda et al. 2016), as the paper reports it."""
+def final_iw_bound(cfg: DictConfig, trainer, test_split, tb, stop) -> Optional[float]:
+    """The importance-weighted bound on -log p(x) of the test set (Burda et al. 2016), as the paper reports it;
+    None if Ctrl-C / SIGTERM came first."""
     from tqdm import tqdm
 
-    gen = trainer.state.gens["eval"]
-    gen.manual_seed(cfg.seed)
-    with tqdm(total=test_split.n, desc=f"iw bound k={cfg.eval.iw_samples}", leave=False, disable=None) as bar:
-        iw = metrics.iw_bound(trainer.model, test_split, k=cfg.eval.iw_samples, chunk=cfg.eval.iw_chunk,
-                              batch_size=cfg.eval.batch_size, generator=gen, progress=bar.update)
-    tb.writer.add_scalar("test/iw_bound", iw, trainer.state.step)
-    log.info("test -log p(x) bound, k=%d importance samples: %.2f", cfg.eval.iw_samples, iw)
+    with tqdm(total=test_split.n, desc=f"iw bound k={cfg.eval.iw_samples}", leave=False, disable=None) as bar, \
+            memory_hint("in the importance-weighted bound", f"eval.batch_size={cfg.eval.batch_size} x "
+                        f"eval.iw_chunk={cfg.eval.iw_chunk} (and the code, latent_dim x categorical_dim)"):
+        iw = trainer.iw_bound(test_split, progress=bar.update)
+    if iw is not None:
+        tb.add_scalar("test/iw_bound", iw, trainer.state.step)
+        log.info("test -log p(x) bound, k=%d importance samples: %.2f", cfg.eval.iw_samples, iw)
     return iw
 
 

@@ -75,7 +75,8 @@ def train_in_process(data_root: Path, run_dir: Path, *extra: str) -> dict:
 
     import train as train_script
 
-    overrides = ["debug=tiny", f"data.root={data_root}", f"hydra.run.dir={run_dir}", *extra]
+    # Hydra's quotes: a directory name may hold `=` or `,` (a sweep job's does)
+    overrides = ["debug=tiny", f"data.root={data_root}", f'hydra.run.dir="{run_dir}"', *extra]
     cfg = compose_train(*overrides, run_dir=run_dir)
     HydraConfig.instance().set_config(cfg)
     task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
@@ -83,8 +84,9 @@ def train_in_process(data_root: Path, run_dir: Path, *extra: str) -> dict:
         train_script.train(task_cfg)
     finally:
         HydraConfig.instance().cfg = None
+    from vae.rundir import run_dir_of
+
     run_dir = Path(run_dir)
-    resume = task_cfg.resume
-    if resume is not None:  # a resumed run writes into its own directory
-        run_dir = Path(resume).expanduser().resolve().parent.parent
+    if task_cfg.resume is not None:  # a resumed run writes into its own directory, when it can
+        run_dir = run_dir_of(task_cfg.resume)[0] or run_dir
     return json.loads((run_dir / "metrics.json").read_text())

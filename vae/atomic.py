@@ -2,13 +2,65 @@
 
 A crash or `kill -9` at any moment leaves either the old file or the new one, never half of one. Temporary
 files are named `.tmp-*`; whoever owns a directory removes stray ones (they are never read).
+
+A write that fails (disk full, a file-size limit, permissions, an I/O error) raises `WriteFailed`, one line naming
+the file and the cause, whatever type the failure arrived as: `torch.save`, for one, reports a full disk as a
+RuntimeError of its own, with the OSError only in the exception's context.
 """
+import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO, Callable, Optional
+
+from vae.errors import UserError, describe
 
 TMP_PREFIX = ".tmp-"
+# What torch's zip writer says when the file under it failed (the OSError, if any, is in the context).
+_WRITER_FAILURES = ("PytorchStreamWriter failed", "unexpected pos", "file write failed")
+_NO_SPACE = (errno.ENOSPC, errno.EFBIG, errno.EDQUOT)
+
+
+class WriteFailed(UserError, OSError):
+    """A file could not be written; what was there before is intact (atomic writes never leave half a file).
+    Also an OSError, so that code which treats a write as best effort (`except OSError`) still does."""
+
+    def __init__(self, message: str, path: Path):
+        super().__init__(message)
+        self.path = Path(path)
+
+
+def os_error_in(e: BaseException) -> Optional[OSError]:
+    """The OSError behind `e`: `e` itself, or one in its chain of causes and contexts."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, OSError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """A failure of the file system under a write, rather than a bug in what was being written."""
+    return os_error_in(e) is not None or (isinstance(e, RuntimeError) and any(s in str(e) for s in _WRITER_FAILURES))
+
+
+def write_failed(path: Path, e: BaseException, what: str = "", kept: Optional[str] = None) -> WriteFailed:
+    """The one-line error for a failed write of `path`: the cause, the fix, and that the old file is intact (or
+    `kept`, what is intact instead)."""
+    path = Path(path)
+    os_error = os_error_in(e)
+    if os_error is not None:
+        cause = os_error.strerror or str(os_error)
+        fix = ("free disk space or raise the file-size limit" if os_error.errno in _NO_SPACE
+               else f"check that {path.parent} is writable")
+    else:
+        cause, fix = describe(e, 160), "free disk space or check the file system"
+    if kept is None:
+        kept = f"the previous {path.name} is intact" if path.is_file() else ""
+    kept = f"; {kept}" if kept else ""
+    return WriteFailed(f"could not write {what + ' ' if what else ''}{path}: {cause} ({fix}){kept}", path)
 
 
 def _umask() -> int:
@@ -42,21 +94,29 @@ def write_temp(directory: Path, write: Callable[[BinaryIO], Any]) -> Path:
     return Path(tmp)
 
 
-def atomic_write(dest: Path, write: Callable[[BinaryIO], Any]) -> None:
-    """`write(file)` into a temporary file beside `dest`, then rename it to `dest`."""
+def atomic_write(dest: Path, write: Callable[[BinaryIO], Any], what: str = "") -> None:
+    """`write(file)` into a temporary file beside `dest`, then rename it to `dest`; `WriteFailed` if the file
+    system fails (`what` names the file in that message, e.g. "checkpoint")."""
     dest = Path(dest)
-    tmp = write_temp(dest.parent, write)
     try:
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
+        tmp = write_temp(dest.parent, write)
+        try:
+            os.replace(tmp, dest)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        fsync_dir(dest.parent)
+    except WriteFailed:
         raise
-    fsync_dir(dest.parent)
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise write_failed(dest, e, what) from e
 
 
-def atomic_write_text(dest: Path, text: str) -> None:
+def atomic_write_text(dest: Path, text: str, what: str = "") -> None:
     """`dest` holds `text` (UTF-8) in full or keeps what it held: metrics, summaries and other small text files."""
-    atomic_write(dest, lambda f: f.write(text.encode()))
+    atomic_write(dest, lambda f: f.write(text.encode()), what)
 
 
 def remove_stray_temporaries(directory: Path) -> list:

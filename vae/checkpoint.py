@@ -6,6 +6,7 @@ one, so a crash or `kill -9` at any moment leaves either the old or the new file
 from __future__ import annotations
 
 import logging
+import math
 import zipfile
 from pathlib import Path
 from typing import Any, Dict, Iterable, Optional
@@ -13,29 +14,40 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write, remove_stray_temporaries
-from vae.config import ARCHITECTURE_KEYS, Config
-from vae.errors import UserError
+from vae.atomic import atomic_write, remove_stray_temporaries, write_failed
+from vae.config import ARCHITECTURE_KEYS, DATA_KEYS, Config
+from vae.errors import UserError, describe
 
-FORMAT = "gumbel-vae/1"
+FORMAT_NAME = "gumbel-vae"
+FORMAT = f"{FORMAT_NAME}/1"
 _ABSENT = object()
 log = logging.getLogger("train")
 REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "epoch_step", "step", "tau", "rng", "config")
+RESUME_KEYS = (*REQUIRED_KEYS, "test_loss", "best_test_loss", "epoch_sums", "interval_sums")  # what Trainer.load reads
+RNG_STREAMS = ("shuffle", "noise", "binarize", "eval")  # vae.engine.make_generators
+ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 
 def save_checkpoint(state: Dict[str, Any], path: Path) -> None:
+    """Write atomically; a failed write (disk full, whatever type it arrives as) is a one-line `WriteFailed` that
+    says the previous file is intact."""
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(path, lambda f: torch.save(state, f))
     except OSError as e:
-        raise UserError(f"could not write checkpoint {path}: {e.strerror or e} (free disk space or fix permissions "
-                        f"of {path.parent}); the previous checkpoint there is intact") from e
+        raise write_failed(path, e, "checkpoint") from e
+    atomic_write(path, lambda f: torch.save(state, f), "checkpoint")
 
 
-def load_checkpoint(path, key: str = "resume") -> Dict[str, Any]:
-    """Load and sanity-check a checkpoint; every failure is one actionable line naming `key` and the file."""
+def load_checkpoint(path, key: str = "resume", resume: bool = True) -> Dict[str, Any]:
+    """Load and check a checkpoint's whole structure (see `check_structure`); every failure is one actionable line
+    naming `key` and the file, before anything of a run is written. `resume=False`: only what scoring the model
+    reads (vae.evaluate), so that a checkpoint whose optimizer state is damaged can still be evaluated."""
     path = Path(str(path)).expanduser()
+    if path.is_dir():
+        inside = next((c for c in (path / "checkpoints" / "last.pt", path / "last.pt") if c.is_file()), None)
+        hint = f"did you mean {key}={inside}?" if inside else f"pass a file, e.g. {key}=<run>/checkpoints/last.pt"
+        raise UserError(f"{key}={str(path)!r} is a directory, not a checkpoint; {hint}")
     if not path.is_file():
         raise UserError(f"{key}={str(path)!r}: no such file; pass the path of a checkpoint, "
                         f"e.g. {key}=outputs/<date>/<time>/checkpoints/last.pt")
@@ -48,17 +60,109 @@ def load_checkpoint(path, key: str = "resume") -> Dict[str, Any]:
     except Exception as e:  # weights_only refuses pickles holding anything but plain data
         raise UserError(f"{key}={str(path)!r} is not a gumbel-vae checkpoint ({type(e).__name__}); "
                         "pass a last.pt or best.pt written by train.py") from e
-    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+    fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if isinstance(fmt, str) and fmt.startswith(FORMAT_NAME + "/") and fmt != FORMAT:
+        raise UserError(f"{key}={str(path)!r} has format {fmt!r}, and this code reads {FORMAT!r} only: it was written "
+                        "by another version of train.py; use that version (or update this one)")
+    if fmt != FORMAT:
         raise UserError(f"{key}={str(path)!r} is not a gumbel-vae checkpoint (format {FORMAT!r} expected); "
                         "pass a last.pt or best.pt written by train.py")
-    missing = [k for k in REQUIRED_KEYS if k not in ckpt]
+    missing = [k for k in (RESUME_KEYS if resume else REQUIRED_KEYS) if k not in ckpt]
     if missing:
         raise UserError(f"{key}={str(path)!r} lacks {', '.join(missing)}; it was not written by this train.py")
+    problem = check_structure(ckpt, resume)
+    if problem:
+        raise UserError(f"{key}={str(path)!r} is damaged or not from this train.py: {problem}; "
+                        "use another file, e.g. checkpoints/best.pt of the same run")
     return ckpt
 
 
+def check_structure(ckpt: Dict[str, Any], resume: bool = True) -> Optional[str]:
+    """What is wrong with a checkpoint's structure (None if nothing): every key vae.evaluate reads and, with
+    `resume`, every key `Trainer.load` and `resume_config` read, with the type and shape they expect. The weights'
+    shapes against the model are `check_model_state`'s, Adam's against the model `check_optimizer_state`'s."""
+    def is_int(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    def is_number(v) -> bool:
+        return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+    config = ckpt["config"]
+    if not isinstance(config, dict):
+        return f"its config is a {type(config).__name__}, not a mapping"
+    if resume:  # the run goes on with these settings: all of them must fit this version's schema
+        try:
+            OmegaConf.merge(OmegaConf.structured(Config), config)
+        except Exception as e:  # an unknown key (a newer train.py?) or a value of the wrong type
+            return f"its config does not fit this version's settings ({describe(e, 160)})"
+    latent, classes = config.get("latent_dim"), config.get("categorical_dim")
+    if not (is_int(latent) and latent >= 1 and is_int(classes) and classes >= 2):
+        return f"its config has latent_dim={latent!r}, categorical_dim={classes!r}"
+    model = ckpt["model"]
+    if not isinstance(model, dict) or not model or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in model.items()):
+        return "its model weights are not a mapping of names to tensors"
+    for key in ("epoch", "epoch_step", "step"):
+        if not is_int(ckpt[key]) or ckpt[key] < 0:
+            return f"{key}={ckpt[key]!r} is not an integer >= 0"
+    if not is_number(ckpt["tau"]) or not math.isfinite(ckpt["tau"]) or ckpt["tau"] <= 0:
+        return f"tau={ckpt['tau']!r} is not a number > 0"
+    if not resume:
+        return None
+    for key in ("test_loss", "best_test_loss"):
+        if not is_number(ckpt[key]):
+            return f"{key}={ckpt[key]!r} is not a number"
+    for key in ("epoch_sums", "interval_sums"):
+        if not torch.is_tensor(ckpt[key]) or tuple(ckpt[key].shape) != (3,):
+            return f"{key} (the running sums of loss, bce, kl) is not a tensor of 3 values"
+    rng = ckpt["rng"]
+    names = (*RNG_STREAMS, "shuffle_epoch_start")
+    if not isinstance(rng, dict) or any(not torch.is_tensor(rng.get(n)) or rng[n].dtype != torch.uint8
+                                        or rng[n].numel() == 0 for n in names):
+        return f"its random-number states (rng: {', '.join(names)}) are missing or empty"
+    optimizer = ckpt["optimizer"]
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("state"), dict) \
+            or not isinstance(optimizer.get("param_groups"), list) or not optimizer["param_groups"] \
+            or not all(isinstance(g, dict) and isinstance(g.get("params"), list) for g in optimizer["param_groups"]):
+        return "its optimizer state is not Adam's (state and param_groups)"
+    estimator = ckpt.get("estimator", {})  # absent in files written before estimators had state
+    if not isinstance(estimator, dict):
+        return "its estimator state is not a mapping"
+    return None
+
+
+def check_optimizer_state(ckpt: Dict[str, Any], model, path) -> None:
+    """Adam's saved state must fit `model`'s parameters: one entry per parameter, each moment shaped like it (an
+    empty state is only right before the first step)."""
+    params = list(model.parameters())
+    optimizer = ckpt["optimizer"]
+    ids = [i for group in optimizer["param_groups"] for i in group["params"]]
+    problem = None
+    if sorted(ids) != list(range(len(params))):
+        problem = f"its optimizer lists {len(ids)} parameters, the model has {len(params)}"
+    elif ckpt["step"] > 0:
+        for i, p in enumerate(params):
+            state = optimizer["state"].get(i)
+            if not isinstance(state, dict) or not all(torch.is_tensor(state.get(k)) for k in ADAM_STATE):
+                problem = f"its optimizer has no state for parameter {i} after {ckpt['step']} steps"
+                break
+            if any(tuple(state[k].shape) != tuple(p.shape) for k in ("exp_avg", "exp_avg_sq")):
+                problem = f"its optimizer's moments for parameter {i} do not have the parameter's shape"
+                break
+    if problem:
+        raise UserError(f"{path}: {problem}; the file is damaged or not from this train.py")
+
+
 def architecture_mismatch(a: DictConfig, b: Dict[str, Any], keys: Iterable[str]) -> list:
-    return [f"{k}={b.get(k)!r} in the checkpoint but {k}={a[k]!r} here" for k in keys if a[k] != b.get(k)]
+    """`key=value in the checkpoint but ... here` for each (dotted) key whose value differs between a and b."""
+    def saved(key):
+        value = b
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    return [f"{k}={saved(k)!r} in the checkpoint but {k}={OmegaConf.select(a, k)!r} here" for k in keys
+            if OmegaConf.select(a, k) != saved(k)]
 
 
 def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Iterable[str]] = None) -> DictConfig:
@@ -80,6 +184,14 @@ def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Ite
     if differ:
         raise UserError(f"resume={cfg.resume!r} has a different architecture: {'; '.join(differ)}. "
                         "Drop those overrides to continue the run, or start a new run without resume=")
+    # Test losses on other data would not compare with the run's own, and best.pt is chosen by comparing them.
+    saved_data = {k: v for k, v in OmegaConf.to_container(OmegaConf.merge(
+        OmegaConf.structured(Config), ckpt["config"])).items() if k == "data"}
+    differ = architecture_mismatch(merged, saved_data, DATA_KEYS)
+    if differ:
+        raise UserError(f"resume={cfg.resume!r} was trained on other data: {'; '.join(differ)}. Its test losses and "
+                        "best.pt compare losses on its own data: drop those overrides to continue the run, or start "
+                        "a new run (e.g. from scratch) without resume=")
     return merged
 
 

@@ -1,11 +1,14 @@
 """Start-up checks that look beyond the values: the file system, the devices, a checkpoint to resume.
 
 The trainer runs `validate` from a Hydra callback (`on_run_start`), before Hydra creates the run directory, so a
-bad setting leaves nothing behind; the values' own ranges are vae/config.py's `validate_ranges`.
+bad setting leaves nothing behind; the values' own ranges are vae/config.py's `validate_ranges`. Whatever goes
+wrong in that callback ends the command with one line: Hydra itself would turn an exception there into a warning
+and start the run anyway.
 """
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
@@ -13,7 +16,10 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae.config import validate_ranges
-from vae.errors import UserError, exit_with
+from vae.errors import UserError, describe, exit_with
+
+THREADS_PER_CPU = 4  # threads beyond this many per CPU only slow a run down (and 10^5 of them crash PyTorch)
+IMAGE_FLOATS = 784
 
 
 def check_writable(path: Path, key: str) -> None:
@@ -23,7 +29,10 @@ def check_writable(path: Path, key: str) -> None:
         if p.parent == p:
             break
         p = p.parent
-    if not p.is_dir() or not os.access(p, os.W_OK | os.X_OK):
+    if p.exists() and not p.is_dir():
+        raise UserError(f"{key}={str(path)!r} is not writable ({p} is a file, not a directory); choose a directory "
+                        f"with {key}=<dir>")
+    if not os.access(p, os.W_OK | os.X_OK):
         raise UserError(f"{key}={str(path)!r} is not writable ({p} is not a writable directory); "
                         f"choose another with {key}=<dir> or fix its permissions")
 
@@ -33,9 +42,16 @@ def resolve_device(name: str):
     silently training on the CPU would turn minutes into hours."""
     import torch
 
+    from vae.config import check_device_name
+
+    check_device_name(name)
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise UserError(f"device={name!r} is not a device name PyTorch knows ({describe(e, 100)}); "
+                        "use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise UserError(f"device={name!r} but no CUDA GPU is visible to PyTorch; use device=cpu or device=auto "
@@ -46,20 +62,64 @@ def resolve_device(name: str):
     return device
 
 
+def check_threads(threads: Optional[int]) -> None:
+    cpus = os.cpu_count() or 1
+    if threads is not None and threads > THREADS_PER_CPU * cpus:
+        raise UserError(f"threads={threads} is not allowed here: this machine has {cpus} CPUs, use at most "
+                        f"{THREADS_PER_CPU * cpus} (or threads=null: one per CPU)")
+
+
+def memory_bytes(device) -> Optional[int]:
+    """All the memory of `device` (the GPU's, or the machine's RAM for the CPU); None if unknown."""
+    import torch
+
+    try:
+        if device.type == "cuda":
+            return torch.cuda.get_device_properties(device).total_memory
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, RuntimeError, AssertionError):
+        return None
+
+
+def iw_batch_bytes(chunk: int, batch_size: int, code: int) -> int:
+    """About the memory of one chunk of the IW bound (vae.metrics.log_weights): per sample and image, the one-hot code,
+    its gathers, the decoder's activations and the per-pixel BCE, in float32. An underestimate, so that a check on
+    it refuses only settings that cannot fit."""
+    return 4 * chunk * batch_size * (2 * code + 256 + 512 + 3 * IMAGE_FLOATS)
+
+
+def check_iw_memory(device, *, iw_samples: int, iw_chunk: int, batch_size: int, code: int,
+                    keys=("eval.iw_chunk", "eval.batch_size"), test_images: int = 10_000) -> None:
+    """Refuse, before minutes of training, an IW bound whose chunks cannot fit in the device's memory at all."""
+    if iw_samples <= 0:
+        return
+    need = iw_batch_bytes(min(iw_chunk, iw_samples), min(batch_size, test_images), code)
+    have = memory_bytes(device)
+    if have is not None and need > have:
+        where = "RAM" if device.type == "cpu" else str(device)
+        raise UserError(f"the importance-weighted bound would need about {need / 2**30:.0f} GiB at once ({keys[0]}="
+                        f"{iw_chunk} samples x {keys[1]}={batch_size} images), more than the {have / 2**30:.0f} GiB "
+                        f"of {where}: lower {keys[0]} (the bound is the same for any chunk) or {keys[1]}")
+
+
 def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
              check_resume: bool = True) -> None:
     """Everything that can be checked before a run writes its first byte.
 
     `overrides` are the command line's (hydra.overrides.task): with `resume=`, they decide which settings may
-    differ from the checkpoint's.
+    differ from the checkpoint's. `output_dir`: the run directory Hydra is about to create (a new run's must not
+    hold another run).
     """
     validate_ranges(cfg)
-    resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
+    check_threads(cfg.threads)
+    check_iw_memory(device, iw_samples=cfg.eval.iw_samples, iw_chunk=cfg.eval.iw_chunk,
+                    batch_size=cfg.eval.batch_size, code=cfg.latent_dim * cfg.categorical_dim)
     check_writable(Path(cfg.data.root), "data.root")
     if output_dir is not None:
         check_writable(Path(output_dir), "hydra.run.dir")
     if check_resume and cfg.resume is not None:
-        from vae.checkpoint import check_model_state, load_checkpoint, resume_config
+        from vae.checkpoint import check_model_state, check_optimizer_state, load_checkpoint, resume_config
         from vae.model import CategoricalVAE
 
         ckpt = load_checkpoint(cfg.resume, key="resume")
@@ -67,22 +127,40 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
         validate(resumed, check_resume=False)
         model = CategoricalVAE(resumed.latent_dim, resumed.categorical_dim, resumed.prior)
         check_model_state(ckpt, model.state_dict(), cfg.resume)
+        check_optimizer_state(ckpt, model, cfg.resume)
+
+
+def check_new_run_dir(run_dir: Path, resume: Optional[str]) -> None:
+    """A new run (or a resume that cannot continue in its own directory) must not write over another run."""
+    from vae.rundir import holds_run, override, run_dir_of
+
+    if resume is not None and run_dir_of(resume)[0] == Path(run_dir).resolve():
+        return  # the resume of that very run
+    found = holds_run(run_dir)
+    if found:
+        last = Path(run_dir) / "checkpoints" / "last.pt"
+        raise UserError(f"hydra.run.dir={str(run_dir)!r} already holds a run ({found}); choose another "
+                        f"hydra.run.dir, or continue that run with {override('resume', last)}")
 
 
 class ValidateOnStart(Callback):
-    """Hydra calls this before it creates the run directory, so a bad setting leaves nothing behind."""
+    """Hydra calls this before it creates the run directory, so a bad setting leaves nothing behind.
+
+    Any exception, not only a `UserError`, ends the command here with one line and a non-zero status: Hydra would
+    turn it into a warning and go on to create the run directory.
+    """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._validate(config, config.hydra.run.dir)
+        self._validate(config, config.hydra.run.dir, new_run=True)
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
         # Per-job values are only known inside each job; train.py validates those again.
         self._validate(config, config.hydra.sweep.dir)
 
     @staticmethod
-    def _validate(config: DictConfig, output_dir: str) -> None:
-        task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+    def _validate(config: DictConfig, output_dir: str, new_run: bool = False) -> None:
         try:
+            task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
             validate_ranges(task_cfg)
             # Threads and the subnormal flush before the first parallel op (a resume check below builds a model):
             # worker threads copy the flush flag only from the thread that starts them.
@@ -91,5 +169,13 @@ class ValidateOnStart(Callback):
             configure_device(resolve_device(task_cfg.device), task_cfg.tf32, task_cfg.threads,
                              task_cfg.flush_denormal)
             validate(task_cfg, output_dir, list(config.hydra.overrides.task))
+            if new_run:
+                check_new_run_dir(Path(output_dir), task_cfg.resume)
         except UserError as e:
             exit_with(e)
+        except Exception as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: the settings could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
+                  "traceback)", file=sys.stderr, flush=True)
+            sys.exit(1)

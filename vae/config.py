@@ -134,6 +134,16 @@ ConfigStore.instance().store(name="base_config", node=Config)
 
 # Settings that fix the shapes of the parameters: a checkpoint only fits a model built with the same ones.
 ARCHITECTURE_KEYS = ("latent_dim", "categorical_dim", "prior")
+# Settings that decide which images a run trains and is tested on: a resumed run keeps them (its test losses, and
+# the choice of best.pt, compare losses on its own data). data.root and the sources only say where the files are.
+DATA_KEYS = ("data.name", "data.binarize", "data.binarize_seed")
+
+SEED_LIMIT = 2**63  # torch's generators take a 64-bit seed; [0, 2^63) is what every platform reads the same way
+# latent_dim x categorical_dim: the two layers that touch the code have 256 weights per unit each (with Adam's
+# moments, 16 bytes per weight): 2^20 units are 8 GiB before any activation, far beyond any useful model here.
+MAX_CODE_UNITS = 2**20
+MAX_IMAGES = 1024  # recon_images, prior_samples: image grids, drawn every epoch
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
@@ -144,7 +154,12 @@ def check(ok: bool, key: str, value: Any, allowed: str) -> None:
 
 def check_device_name(name: Any) -> None:
     """`device` is spelled as resolve_device understands it (whether that device exists is resolve_device's job)."""
-    check(name in ("auto", "cpu") or str(name).startswith("cuda"), "device", name, "auto, cpu, cuda or cuda:N")
+    check(isinstance(name, str) and DEVICE_NAME.fullmatch(name) is not None, "device", name,
+          "auto, cpu, cuda or cuda:N with N a GPU number (e.g. cuda:0)")
+
+
+def check_seed(seed: Any, key: str = "seed") -> None:
+    check(isinstance(seed, int) and 0 <= seed < SEED_LIMIT, key, seed, "must be an integer in [0, 2^63)")
 
 
 def validate_ranges(cfg: DictConfig) -> None:
@@ -161,19 +176,28 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(cfg.anneal_interval >= 1, "anneal_interval", cfg.anneal_interval, "must be an integer >= 1 (steps)")
     check(cfg.latent_dim >= 1, "latent_dim", cfg.latent_dim, "must be an integer >= 1")
     check(cfg.categorical_dim >= 2, "categorical_dim", cfg.categorical_dim, "must be an integer >= 2")
+    code = cfg.latent_dim * cfg.categorical_dim
+    if code > MAX_CODE_UNITS:
+        raise UserError(f"latent_dim={cfg.latent_dim} x categorical_dim={cfg.categorical_dim} = {code} code units is "
+                        f"too large: at most {MAX_CODE_UNITS} (the layers next to the code hold 256 weights per unit); "
+                        "lower latent_dim or categorical_dim")
     check(cfg.batch_size >= 1, "batch_size", cfg.batch_size, "must be an integer >= 1")
     check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be an integer >= 0")
     check(finite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a number > 0")
+    check_seed(cfg.seed)
     check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
     check(cfg.compile_min_steps >= 0, "compile_min_steps", cfg.compile_min_steps, "must be an integer >= 0")
     check(cfg.log_interval >= 1, "log_interval", cfg.log_interval, "must be an integer >= 1 (steps)")
-    check(cfg.recon_images >= 1, "recon_images", cfg.recon_images, "must be an integer >= 1")
-    check(cfg.prior_samples >= 1, "prior_samples", cfg.prior_samples, "must be an integer >= 1")
+    check(1 <= cfg.recon_images <= MAX_IMAGES, "recon_images", cfg.recon_images,
+          f"must be an integer in [1, {MAX_IMAGES}] (images in a grid)")
+    check(1 <= cfg.prior_samples <= MAX_IMAGES, "prior_samples", cfg.prior_samples,
+          f"must be an integer in [1, {MAX_IMAGES}] (images in a grid)")
     check(cfg.prior in PRIORS, "prior", cfg.prior, f"one of {', '.join(PRIORS)}")
     check_device_name(cfg.device)
     check(cfg.data.name in DATASETS, "data.name", cfg.data.name,
            f"one of {', '.join(DATASETS)} (choose with data=mnist or data=fashion_mnist)")
     check(cfg.data.binarize in BINARIZE, "data.binarize", cfg.data.binarize, f"one of {', '.join(BINARIZE)}")
+    check_seed(cfg.data.binarize_seed, "data.binarize_seed")
     bad = [s for s in cfg.data.sources if s not in SOURCES]
     check(not bad, "data.sources", list(cfg.data.sources), f"a list drawn from {', '.join(SOURCES)}")
     check(cfg.eval.iw_samples >= 0, "eval.iw_samples", cfg.eval.iw_samples, "must be an integer >= 0 (0 = off)")

@@ -55,3 +55,11 @@ def make_splits(train_images, test_images, device, binarize: str, binarize_seed:
     gen = torch.Generator().manual_seed(binarize_seed) if binarize == "static" else None
     return (DeviceSplit(train_images, device, binarize, gen),
             DeviceSplit(test_images, device, binarize, gen))
+
+
+def load_device_splits(data_cfg, device):
+    """Train and test splits of the dataset `data_cfg` describes, each held once on `device` as uint8."""
+    from vae.data import load_splits
+
+    (train_images, _), (test_images, _) = load_splits(data_cfg, ("train", "test"))
+    return make_splits(train_images, test_images, device, data_cfg.binarize, data_cfg.binarize_seed)

@@ -2,10 +2,13 @@
 into a clean exit for every command-line entry point."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
 import sys
+
+from hydra.errors import CompactHydraException
 
 
 class UserError(Exception):
@@ -29,6 +32,32 @@ def describe(e: BaseException, limit: int = 200) -> str:
     return f"{type(e).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
 
 
+class JobFailed(UserError, CompactHydraException):
+    """A sweep job's `UserError`, re-raised so that the launcher and sweeper record the job as failed (Optuna marks
+    the trial failed). Hydra prints a CompactHydraException as its message alone: no traceback at the sweep's end."""
+
+
+def is_out_of_memory(e: BaseException) -> bool:
+    """An allocation that failed: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
+    if type(e).__name__ == "OutOfMemoryError":
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text
+                                            or "out of memory" in text)
+
+
+@contextlib.contextmanager
+def memory_hint(what: str, settings: str):
+    """Turn a failed allocation inside the block into one line naming the settings that drive its size."""
+    try:
+        yield
+    except Exception as e:
+        if not is_out_of_memory(e):
+            raise
+        raise UserError(f"out of memory {what} ({describe(e, 120)}); its size grows with {settings}: "
+                        "lower them") from None
+
+
 def exit_with(error: UserError) -> None:
     # A traceback helps nobody fix a typo in a setting; keep it for those who ask (Hydra's convention).
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
@@ -46,8 +75,9 @@ def _in_multirun() -> bool:
 
 def entry_point(task):
     """Wrap a Hydra task (`@hydra.main` above, this below): a `UserError` becomes one line on stderr and its exit
-    status. In a sweep the error is logged and re-raised instead, so that one bad job does not end the others
-    (Hydra's launcher records the failure; a sweeper such as Optuna marks the trial failed and goes on)."""
+    status. In a sweep the error is logged and re-raised as `JobFailed` instead, so that one bad job does not end the
+    others (Hydra's launcher records the failure, vae.sweep lists it in the summary; a sweeper such as Optuna marks
+    the trial failed and goes on)."""
 
     @functools.wraps(task)
     def wrapper(cfg):
@@ -55,8 +85,11 @@ def entry_point(task):
             return task(cfg)
         except UserError as e:
             if _in_multirun():
+                from hydra.core.hydra_config import HydraConfig
+
                 logging.getLogger(task.__module__).error("error: %s", e)
-                raise
+                summary = os.path.join(HydraConfig.get().sweep.dir, "summary.md")
+                raise JobFailed(f"{e} (every job that ran is listed in {summary})") from e
             exit_with(e)
 
     return wrapper

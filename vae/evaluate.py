@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,10 +33,10 @@ from tqdm import tqdm
 from vae import latents, metrics
 from vae.atomic import atomic_write, atomic_write_text
 from vae.checkpoint import check_model_state, load_checkpoint
-from vae.checks import check_writable, resolve_device
-from vae.config import CONFIG_DIR, DataConfig, check_device_name
+from vae.checks import check_iw_memory, check_writable, resolve_device
+from vae.config import CONFIG_DIR, MAX_IMAGES, DataConfig, check, check_device_name, check_seed
 from vae.device_data import DeviceSplit, make_splits
-from vae.errors import UserError, entry_point
+from vae.errors import UserError, entry_point, memory_hint
 from vae.gumbel import sample_categorical
 from vae.model import CategoricalVAE
 
@@ -80,6 +81,9 @@ def validate(cfg: DictConfig) -> None:
         raise UserError(f"active_kl={cfg.active_kl!r} is not allowed: must be a number >= 0 (nats per image above "
                         f"which a latent variable counts as active); set it on the command line, e.g. "
                         f"active_kl={latents.ACTIVE_KL}")
+    for key in ("recon_images", "prior_samples"):
+        check(cfg[key] <= MAX_IMAGES, key, cfg[key], f"must be an integer in [1, {MAX_IMAGES}] (images in a grid)")
+    check_seed(cfg.seed)
     check_device_name(cfg.device)
 
 
@@ -150,9 +154,9 @@ def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, gener
     paths = {"prior_samples": prefix.with_name(prefix.name + ".prior_samples.png"),
              "reconstructions": prefix.with_name(prefix.name + ".reconstructions.png"),
              "traversal": prefix.with_name(prefix.name + ".traversal.png")}
-    atomic_write(paths["prior_samples"], lambda f: save_image(prior, f, nrow=cfg.prior_nrow, format="png"))
-    atomic_write(paths["reconstructions"], lambda f: save_image(pairs, f, nrow=n, format="png"))
-    atomic_write(paths["traversal"], lambda f: save_image(traversal, f, format="png"))
+    atomic_write(paths["prior_samples"], lambda f: save_image(prior, f, nrow=cfg.prior_nrow, format="png"), "image")
+    atomic_write(paths["reconstructions"], lambda f: save_image(pairs, f, nrow=n, format="png"), "image")
+    atomic_write(paths["traversal"], lambda f: save_image(traversal, f, format="png"), "image")
     return {k: str(v) for k, v in paths.items()}
 
 
@@ -179,20 +183,30 @@ def format_table(result: Dict[str, Any]) -> str:
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, Any]:
+    from vae.progress import StopFlag
+
+    with StopFlag() as stop:
+        return run(cfg, stop)
+
+
+def run(cfg: DictConfig, stop) -> Dict[str, Any]:
     from vae.engine import configure_device
 
     validate(cfg)
     device = resolve_device(cfg.device)
     configure_device(device, tf32=True, flush_denormal=cfg.flush_denormal)
     path = Path(cfg.checkpoint).expanduser()
-    ckpt = load_checkpoint(path, key="checkpoint")
+    ckpt = load_checkpoint(path, key="checkpoint", resume=False)
     # Fail before minutes of computation, not after, if the results cannot be written.
     check_writable(path.parent, "checkpoint")
-    model = build_model(ckpt, path).to(device)
-    test = load_test_split(data_config(ckpt, path, cfg.data_root), device)
+    c = ckpt["config"]
+    check_iw_memory(device, iw_samples=cfg.iw_samples, iw_chunk=cfg.iw_chunk, batch_size=cfg.batch_size,
+                    code=c["latent_dim"] * c["categorical_dim"], keys=("iw_chunk", "batch_size"))
+    with stop.at_once("while loading"):  # nothing computed yet: a signal ends the command at once
+        model = build_model(ckpt, path).to(device)
+        test = load_test_split(data_config(ckpt, path, cfg.data_root), device)
     # The relaxed loss as the run's estimator computed it: one-hot (straight-through) codes for every estimator but
     # gumbel (and `hard`, the historical switch for st_gumbel).
-    c = ckpt["config"]
     tau, hard = float(ckpt["tau"]), bool(c.get("hard", False)) or c.get("estimator", "gumbel") != "gumbel"
 
     # One fresh generator per metric: changing k (or the image settings) leaves every other number unchanged.
@@ -200,16 +214,26 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
         return torch.Generator(device=device).manual_seed(cfg.seed)
 
     start = time.perf_counter()
-    result_metrics = metrics.evaluate_split(model, test, tau=tau, hard=hard, generator=generator(),
-                                            batch_size=cfg.batch_size)
-    with tqdm(total=test.n, desc=f"IW bound k={cfg.iw_samples}", unit="img", disable=None,
-              dynamic_ncols=True) as bar:
-        result_metrics["iw_bound"] = metrics.iw_bound(model, test, k=cfg.iw_samples, chunk=cfg.iw_chunk,
+    sizes = (f"batch_size={cfg.batch_size} x iw_chunk={cfg.iw_chunk} (and the checkpoint's code, latent_dim x "
+             f"categorical_dim = {c['latent_dim']} x {c['categorical_dim']})")
+    with memory_hint("while evaluating", sizes):
+        result_metrics = metrics.evaluate_split(model, test, tau=tau, hard=hard, generator=generator(),
+                                                batch_size=cfg.batch_size)
+        with tqdm(total=test.n, desc=f"IW bound k={cfg.iw_samples}", unit="img", disable=None,
+                  dynamic_ncols=True) as bar:
+            iw = None if stop() else metrics.iw_bound(model, test, k=cfg.iw_samples, chunk=cfg.iw_chunk,
                                                       batch_size=cfg.batch_size, generator=generator(),
-                                                      progress=bar.update)
+                                                      progress=bar.update, should_stop=stop)
     usage = latents.code_usage(model, test, batch_size=cfg.batch_size, threshold=cfg.active_kl,
                                generator=generator())
     seconds = time.perf_counter() - start
+    if iw is None:  # Ctrl-C / SIGTERM: show what was computed; an earlier complete result file stays as it was
+        print(format_table({"checkpoint": str(path), "epoch": ckpt["epoch"], "step": ckpt["step"], "tau": tau,
+                            "hard": hard, "k": cfg.iw_samples, "n_images": test.n, "device": str(device),
+                            "seconds": seconds, "metrics": {**result_metrics, "iw_bound": math.nan}}))
+        print(f"stopped by {stop.name} before the IW bound was done: nothing written", file=sys.stderr, flush=True)
+        raise SystemExit(stop.exit_code)
+    result_metrics["iw_bound"] = iw
     if not all(math.isfinite(v) for v in result_metrics.values()):
         raise UserError(f"checkpoint={str(path)!r} gives non-finite test metrics {result_metrics}; "
                         "its weights have diverged: evaluate an earlier checkpoint (e.g. best.pt)")
@@ -228,7 +252,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
     }
     result["images"] = save_images(model, test, cfg, generator(), prefix, usage["kl_per_variable"])
     metrics_path = prefix.with_name(prefix.name + ".metrics.json")
-    atomic_write_text(metrics_path, json.dumps(result, indent=2) + "\n")
+    atomic_write_text(metrics_path, json.dumps(result, indent=2) + "\n", "metrics")
     print(format_table(result))
     print(f"wrote {metrics_path}")
     return result

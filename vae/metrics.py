@@ -84,19 +84,21 @@ def log_weights(model, x: torch.Tensor, k: int, *, generator: Optional[torch.Gen
 
 
 @torch.no_grad()
-def iw_bound_batch(model, x: torch.Tensor, *, k: int, chunk: int,
-                   generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def iw_bound_batch(model, x: torch.Tensor, *, k: int, chunk: int, generator: Optional[torch.Generator] = None,
+                   should_stop: Optional[Callable[[], bool]] = None) -> Optional[torch.Tensor]:
     """The k-sample IW bound -log (1/k) sum_i w_i per image, [B], drawing `chunk` samples at a time.
 
     Memory is O(chunk * B) whatever k: each chunk's log-weights are folded into a running logsumexp,
     lse <- log(exp(lse) + sum_chunk exp(log w)) = logaddexp(lse, logsumexp(chunk)), which is stable because
-    both operands are themselves log-sum-exps.
+    both operands are themselves log-sum-exps. None if `should_stop()` turned true between two chunks.
     """
     if k < 1 or chunk < 1:
         raise ValueError(f"k and chunk must be >= 1, got k={k}, chunk={chunk}")
     logits = model.encode(x)  # once per image batch, not once per chunk
     lse = torch.full((x.shape[0],), -math.inf, dtype=logits.dtype, device=logits.device)
     for start in range(0, k, chunk):
+        if should_stop is not None and should_stop():
+            return None
         log_w = log_weights(model, x, min(chunk, k - start), generator=generator, logits=logits)
         lse = torch.logaddexp(lse, torch.logsumexp(log_w, dim=0))
     return -(lse - math.log(k))
@@ -104,15 +106,21 @@ def iw_bound_batch(model, x: torch.Tensor, *, k: int, chunk: int,
 
 @torch.no_grad()
 def iw_bound(model, split, *, k: int, chunk: int, batch_size: int, generator: torch.Generator,
-             progress: Optional[Callable[[int], object]] = None) -> float:
+             progress: Optional[Callable[[int], object]] = None,
+             should_stop: Optional[Callable[[], bool]] = None) -> Optional[float]:
     """The k-sample IW bound, mean over the split in nats per image (one host sync at the end).
 
     `progress(n)`, if given, is called after each image batch with the number of images just done (the
-    increment, as tqdm's `update` takes it).
+    increment, as tqdm's `update` takes it). `should_stop()`, if given, is asked between chunks of samples
+    (Ctrl-C / SIGTERM): once it is true the bound is abandoned and None returned, so that a stop takes seconds
+    whatever k is (a mean over part of the test set would be no bound on the whole of it).
     """
     total = torch.zeros((), dtype=torch.float64, device=split.device)
     for x in split.batches(batch_size, generator):
-        total += iw_bound_batch(model, x, k=k, chunk=chunk, generator=generator).double().sum()
+        bound = iw_bound_batch(model, x, k=k, chunk=chunk, generator=generator, should_stop=should_stop)
+        if bound is None:
+            return None
+        total += bound.double().sum()
         if progress is not None:
             progress(x.shape[0])
     return total.item() / split.n

@@ -2,6 +2,7 @@
 stop the run cleanly instead of killing it mid-write."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import signal
 import sys
@@ -15,11 +16,30 @@ SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
 
 
 class StopFlag:
-    """Ctrl-C / SIGTERM only set a flag: the step in flight finishes, then the run saves and exits."""
+    """Ctrl-C / SIGTERM only set a flag: the step in flight finishes, then the run saves and exits. Inside
+    `at_once(...)` (start-up: nothing to save yet) a signal ends the process straight away instead."""
 
     def __init__(self):
         self.signum = None
+        self._at_once = None  # what is going on, while a signal should end the process at once
         self._previous = {s: signal.signal(s, self._handle) for s in SIGNAL_EXIT}
+
+    @contextlib.contextmanager
+    def at_once(self, doing: str):
+        """A signal inside the block (or before it) exits at once with 130 / 143: for start-up work (reading data,
+        compiling the step) that has nothing to save and may take minutes."""
+        self._at_once = doing
+        try:
+            if self.signum is not None:
+                self._exit()
+            yield
+        finally:
+            self._at_once = None
+
+    def _exit(self):
+        doing, self._at_once = self._at_once, None
+        log.warning("stopped by %s %s; nothing to save", self.name, doing)
+        raise SystemExit(self.exit_code)
 
     def __enter__(self):
         return self
@@ -36,6 +56,8 @@ class StopFlag:
         if self.signum is not None:  # a second Ctrl-C: let the user know we heard it
             print("\nstopping, please wait...", file=sys.stderr, flush=True)
         self.signum = signum
+        if self._at_once is not None:
+            self._exit()
 
     @property
     def exit_code(self) -> int:

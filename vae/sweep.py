@@ -4,8 +4,11 @@
 which prints the table and writes `summary.csv` and `summary.md` into the sweep directory. It reads the
 `metrics.json` that every job writes into its own directory rather than the jobs' return values, so it works the
 same for every launcher (basic, joblib, submitit) and sweeper (Optuna), and for jobs that ran on other machines.
-Jobs without a metrics.json (failed, killed, or still queued on a cluster) are listed as `missing`. For such a
-sweep, summarise again once its jobs are done:
+
+A job that fails writes its one-line error as `{"error": ...}` into its metrics.json (`SweepSummary.on_job_end`), and
+the summary files are rewritten after every job: Hydra's basic sweeper ends a sweep with a failed job by raising its
+error once all the jobs have run, and never calls `on_multirun_end` then. Jobs without a metrics.json (killed, or
+still queued on a cluster) are listed as `missing`. For such a sweep, summarise again once its jobs are done:
 
     python -m vae.sweep outputs/multirun/<date>/<time>
 """
@@ -44,7 +47,13 @@ class Job:
 
     @property
     def status(self) -> str:
-        return "done" if self.metrics is not None else "missing"
+        if self.metrics is None:
+            return "missing"
+        return "failed" if "error" in self.metrics else "stopped" if "stopped" in self.metrics else "done"
+
+    @property
+    def error(self) -> str:
+        return str((self.metrics or {}).get("error") or "")
 
     @property
     def loss(self) -> float:
@@ -156,10 +165,10 @@ def write_csv(jobs: List[Job], path: Path, sweep_dir: Path) -> None:
     columns = _columns(jobs)
     text = io.StringIO(newline="")
     writer = csv.writer(text)
-    writer.writerow([*columns, "overrides", "dir"])
+    writer.writerow([*columns, "error", "overrides", "dir"])
     for job in ranked(jobs):
         row = _row(job, columns)
-        writer.writerow([*("" if row[c] is None else row[c] for c in columns),
+        writer.writerow([*("" if row[c] is None else row[c] for c in columns), job.error,
                          " ".join(job.overrides), str(job.dir.relative_to(sweep_dir))])
     atomic_write_text(path, text.getvalue())
 
@@ -195,8 +204,11 @@ def summarize(sweep_dir, echo: bool = True) -> List[Job]:
         settings = " ".join(f"{k}={_fmt_param(best.params.get(k))}" for k in varying_keys(jobs)) or "no overrides"
         lines.append(f"Best: job {best.num} (`{settings}`), test loss {best.loss:.3f} nats/image, "
                      f"in {best.dir.relative_to(sweep_dir)}")
+    for job in (j for j in ranked(jobs) if j.status == "failed"):
+        settings = " ".join(f"{k}={job.params.get(k)}" for k in varying_keys(jobs)) or "no overrides"
+        lines.append(f"Job {job.num} (`{settings}`) failed: {job.error}")
     if len(done) < len(jobs):
-        lines.append(f"{len(jobs) - len(done)} of {len(jobs)} jobs have no metrics.json (failed, killed or not "
+        lines.append(f"{len(jobs) - len(done)} of {len(jobs)} jobs have no metrics.json (killed or not "
                      f"finished yet): run `python -m vae.sweep {sweep_dir}` again once they are done.")
     lines.append(f"Compare the runs: tensorboard --logdir {sweep_dir}")
     text = "\n".join(lines) + "\n"
@@ -207,8 +219,38 @@ def summarize(sweep_dir, echo: bool = True) -> List[Job]:
     return jobs
 
 
+def record_failure(job_dir: Path, error: BaseException, overrides: List[str]) -> None:
+    """Write a failed job's one-line error into its metrics.json (never over a finished job's results)."""
+    from vae.errors import JobFailed, describe
+
+    path = Path(job_dir) / "metrics.json"
+    previous = _read_metrics(path)
+    if previous is not None and "error" not in previous:
+        return
+    message = str(error.__cause__) if isinstance(error, JobFailed) and error.__cause__ else describe(error, 500)
+    atomic_write_text(path, json.dumps({"error": message, "overrides": overrides}, indent=2) + "\n")
+
+
 class SweepSummary(Callback):
-    """Hydra callback: summarise the sweep once all its jobs have returned (see the module docstring)."""
+    """Hydra callback: record each failed job's error, rewrite the summary after every job, and print it once all
+    the jobs have returned (see the module docstring)."""
+
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        sweep_dir = Path(config.hydra.sweep.dir)
+        try:
+            if job_return.status == JobStatus.FAILED:
+                # (`job_return.return_value` would raise the error; the sweeper does that itself, later)
+                record_failure(Path(config.hydra.runtime.output_dir), job_return._return_value,
+                               [str(o) for o in config.hydra.overrides.task])
+            summarize(sweep_dir, echo=False)
+        except Exception as e:  # a summary problem must not turn into the job's failure
+            log.warning("sweep summary failed (%s: %s); retry with: python -m vae.sweep %s",
+                        type(e).__name__, e, sweep_dir)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)

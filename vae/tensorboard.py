@@ -4,12 +4,15 @@ TensorBoard and torchvision take seconds to import, so both are imported when a 
 """
 from __future__ import annotations
 
+import contextlib
+import threading
 from pathlib import Path
 from typing import Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from vae.atomic import WriteFailed, is_write_failure, write_failed
 from vae.gumbel import one_hot_argmax
 
 # The settings shown as columns in TensorBoard's HParams tab: those that change what is learned.
@@ -24,6 +27,28 @@ def image_grid(x: torch.Tensor, nrow: int = 8) -> torch.Tensor:
     return make_grid(x.detach().reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
 
 
+@contextlib.contextmanager
+def write_failures(log_dir):
+    """A failed write of the event file (disk full...), whatever type it arrives as, becomes one `WriteFailed` line.
+    (TensorBoard writes from a thread and raises its error at the next call, often as a plain OSError.)"""
+    try:
+        yield
+    except WriteFailed:
+        raise
+    except Exception as e:
+        if not is_write_failure(e):
+            raise
+        raise write_failed(Path(log_dir) / "events.out.tfevents.*", e, "TensorBoard events",
+                           kept="the checkpoints written so far are intact") from e
+
+
+def _quiet_writer_thread(args) -> None:
+    """threading.excepthook: TensorBoard's writer thread keeps its exception for the next call in the main thread
+    (where write_failures reports it in one line), and also lets it escape: don't print that as a traceback."""
+    if type(args.thread).__name__ != "_AsyncWriterThread":
+        _quiet_writer_thread.previous(args)
+
+
 def log_hparams(writer, cfg: DictConfig, metrics: dict) -> None:
     """Write the run's hyper-parameters into its own event file, so that TensorBoard's HParams tab pairs them with
     the run's scalars named in `metrics` (SummaryWriter.add_hparams would open a separate sub-run instead)."""
@@ -31,9 +56,10 @@ def log_hparams(writer, cfg: DictConfig, metrics: dict) -> None:
 
     values = {k: OmegaConf.select(cfg, k) for k in HPARAM_KEYS}
     exp, ssi, sei = hparams(values, metrics)
-    file_writer = writer._get_file_writer()
-    for summary in (exp, ssi, sei):
-        file_writer.add_summary(summary)
+    with write_failures(writer.log_dir):
+        file_writer = writer._get_file_writer()
+        for summary in (exp, ssi, sei):
+            file_writer.add_summary(summary)
 
 
 class TensorBoardLog:
@@ -49,32 +75,46 @@ class TensorBoardLog:
 
         from vae.latents import custom_scalars_layout
 
-        self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
-        self.writer.add_custom_scalars(custom_scalars_layout())
+        self.run_dir = Path(run_dir)
+        with write_failures(self.run_dir):
+            self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+            self.writer.add_custom_scalars(custom_scalars_layout())
+        if threading.excepthook is not _quiet_writer_thread:  # put back by __exit__
+            _quiet_writer_thread.previous = threading.excepthook
+            threading.excepthook = _quiet_writer_thread
         self.recon_x, self.prior_noise = recon_x, prior_noise  # fixed inputs: epochs compare picture to picture
         self.test_split, self.cfg = test_split, cfg
 
     def __enter__(self):
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.writer.close()
+    def __exit__(self, exc_type, *exc) -> None:
+        try:
+            with write_failures(self.run_dir):
+                self.writer.close()
+        except WriteFailed:
+            if exc_type is None:  # else the run is failing already, most likely from the same full disk: report that
+                raise
+        finally:
+            threading.excepthook = _quiet_writer_thread.previous
 
     def on_interval(self, trainer, means, grad_norm) -> None:
         step = trainer.state.step
-        for tag, value in zip(("loss", "bce", "kl"), means):
-            self.writer.add_scalar(f"train/{tag}", value, step)
-        self.writer.add_scalar("train/temperature", trainer.state.tau, step)
-        if grad_norm is not None:
-            self.writer.add_scalar("train/grad_norm", grad_norm, step)
+        with write_failures(self.run_dir):
+            for tag, value in zip(("loss", "bce", "kl"), means):
+                self.writer.add_scalar(f"train/{tag}", value, step)
+            self.writer.add_scalar("train/temperature", trainer.state.tau, step)
+            if grad_norm is not None:
+                self.writer.add_scalar("train/grad_norm", grad_norm, step)
 
     def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
         step = trainer.state.step
-        for key in ("loss", "bce", "kl", "elbo_discrete"):
-            self.writer.add_scalar(f"test/{key}", test[key], step)
-        self.write_images(trainer.model, step)
-        self.write_latents(trainer.model, step)
-        self.writer.flush()  # every epoch: a run killed later keeps what it showed
+        with write_failures(self.run_dir):
+            for key in ("loss", "bce", "kl", "elbo_discrete"):
+                self.writer.add_scalar(f"test/{key}", test[key], step)
+            self.write_images(trainer.model, step)
+            self.write_latents(trainer.model, step)
+            self.writer.flush()  # every epoch: a run killed later keeps what it showed
 
     @torch.no_grad()
     def write_images(self, model, step: int) -> None:
@@ -96,5 +136,10 @@ class TensorBoardLog:
         grid = traversal_grid(model, self.recon_x[0], stats["kl_per_variable"], max_rows=cfg.eval.traversal_rows)
         log_latents(self.writer, stats, grid, step)
 
+    def add_scalar(self, tag: str, value: float, step: int) -> None:
+        with write_failures(self.run_dir):
+            self.writer.add_scalar(tag, value, step)
+
     def flush(self) -> None:
-        self.writer.flush()
+        with write_failures(self.run_dir):
+            self.writer.flush()

@@ -145,8 +145,25 @@ class Trainer:
                 **self.state.state_dict(), "estimator": self.estimator.state_dict(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "torch_version": str(torch.__version__)}
 
+    def resume(self, ckpt: dict, path) -> None:
+        """Continue the run saved in `ckpt` (read from `path`), after checking that it fits this model."""
+        from vae.checkpoint import check_model_state, check_optimizer_state
+
+        check_model_state(ckpt, self.initial_weights, path)
+        check_optimizer_state(ckpt, self.model, path)
+        self.load(ckpt)
+        s = self.state
+        log.info("resumed %s at step %d (%d epochs and %d steps done), tau %.4f", path, s.step, s.epoch,
+                 s.epoch_step, s.tau)
+
     def load(self, ckpt: dict) -> None:
         """Continue from a checkpoint, in place (a captured graph holds the tensors' addresses)."""
+        saved = {name: ckpt["rng"][name].numel() for name in self.state.gens}
+        if any(n != self.state.gens[name].get_state().numel() for name, n in saved.items()):
+            # CPU and CUDA generators keep different states: exact resume needs the device type it was saved on.
+            raise UserError(f"the checkpoint's random streams are not those of a {self.device.type} device: it was "
+                            f"written on {'a CUDA GPU' if self.device.type == 'cpu' else 'the CPU'}; resume it with "
+                            f"device={'cuda' if self.device.type == 'cpu' else 'cpu'}")
         with torch.no_grad():
             for k, v in self.model.state_dict().items():
                 v.copy_(ckpt["model"][k])
@@ -208,6 +225,15 @@ class Trainer:
         self.state.gens["eval"].manual_seed(self.cfg.seed)
         return metrics.evaluate_split(self.model, split, tau=self.state.tau, hard=self.estimator.one_hot,
                                       generator=self.state.gens["eval"], batch_size=self.cfg.eval.batch_size)
+
+    def iw_bound(self, split, progress=None) -> Optional[float]:
+        """The importance-weighted bound (Burda et al. 2016) with eval.iw_samples samples, mean nats per image; None
+        if `should_stop()` came first. The eval stream is re-seeded: the same noise as any other evaluation."""
+        cfg, gen = self.cfg, self.state.gens["eval"]
+        gen.manual_seed(cfg.seed)
+        return metrics.iw_bound(self.model, split, k=cfg.eval.iw_samples, chunk=cfg.eval.iw_chunk,
+                                batch_size=cfg.eval.batch_size, generator=gen, progress=progress,
+                                should_stop=self.should_stop)
 
     def fit(self, test_split) -> Optional[dict]:
         """Train up to `cfg.epochs` with a test pass after each epoch; the last test metrics (None if none ran)."""
