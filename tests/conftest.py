@@ -80,10 +80,17 @@ def train_in_process(data_root: Path, run_dir: Path, *extra: str) -> dict:
     cfg = compose_train(*overrides, run_dir=run_dir)
     HydraConfig.instance().set_config(cfg)
     task_cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    import torch
+
+    threads = torch.get_num_threads()
     try:
         train_script.train(task_cfg)
     finally:
         HydraConfig.instance().cfg = None
+        # The run set process-wide math settings (threads, the subnormal flush): leave this process as it was, so
+        # that the tests after it compute what they would alone.
+        torch.set_num_threads(threads)
+        torch.set_flush_denormal(False)
     from vae.rundir import run_dir_of
 
     run_dir = Path(run_dir)
