@@ -175,7 +175,8 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
     """
     validate_ranges(cfg)
     resolve_device(cfg.device)
-    check_writable(Path(cfg.data.root), "data.root")
+    from vae.data import check_root  # data.root may be read-only when it holds every file: the data layer decides
+    check_root(cfg.data)
     if output_dir is not None:
         check_writable(Path(output_dir), "hydra.run.dir")
     if check_resume and cfg.resume is not None:
