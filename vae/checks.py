@@ -115,7 +115,12 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
     check_threads(cfg.threads)
     check_iw_memory(device, iw_samples=cfg.eval.iw_samples, iw_chunk=cfg.eval.iw_chunk,
                     batch_size=cfg.eval.batch_size, code=cfg.latent_dim * cfg.categorical_dim)
-    check_writable(Path(cfg.data.root), "data.root")
+    root = Path(cfg.data.root).expanduser()
+    if root.exists() and not root.is_dir():
+        check_writable(root, "data.root")  # a file where the data should be: one line that says so
+    from vae.data import check_root  # a read-only data.root is fine when it holds every file: the data layer decides
+
+    check_root(cfg.data)
     if output_dir is not None:
         check_writable(Path(output_dir), "hydra.run.dir")
     if check_resume and cfg.resume is not None:

@@ -58,6 +58,13 @@ def memory_hint(what: str, settings: str):
                         "lower them") from None
 
 
+def one_line(text: str, limit: int = 300) -> str:
+    """`text` with every run of whitespace (newlines too) made one space, cut to `limit` characters: for messages
+    whose reason is on a later line (torchvision's "Error downloading x:\nTried <mirror>, got: <reason>")."""
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
 def exit_with(error: UserError) -> None:
     # A traceback helps nobody fix a typo in a setting; keep it for those who ask (Hydra's convention).
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
