@@ -19,7 +19,8 @@
 #
 # Environment: SMOKE_BASE=<image> builds on that base instead; SMOKE_CACHE_DIR (default ~/.cache/gumbel-vae-smoke)
 # keeps the Debian rootfs tarball, so that a lost stand-in image is rebuilt without debootstrap; SMOKE_KEEP=1 keeps
-# the work directory (data, outputs, logs); PYTHON is the host Python whose pip fetches the stand-in's wheels.
+# the work directory (data, outputs, logs); PYTHON is the host Python whose pip fetches the stand-in's wheels;
+# SMOKE_DEBIAN_MIRROR is the Debian mirror for debootstrap (default: its own).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 1
 
@@ -29,7 +30,7 @@ NAME=gvae-smoke-$$
 # What the stand-in holds: the versions of requirements.txt, Debian's Python 3.11 (cp311 wheels) with its headers (the
 # real base's Python has them: Inductor needs Python.h for compile=true on the CPU).
 SUITE=bookworm
-MIRROR=http://deb.debian.org/debian
+MIRROR=${SMOKE_DEBIAN_MIRROR:-}  # empty: debootstrap's default mirror
 DEBS=python3,python3-venv,python3-dev,ca-certificates
 STANDIN_PINS="torch==2.14.1 torchvision==0.29.1 numpy==2.4.6"
 # Small and quick: 12 steps per epoch, no importance-weighted bound, one thread (the machine may be shared).
@@ -122,7 +123,8 @@ build_standin() {  # build_standin TAG: a Debian rootfs with Python in /opt/cond
     tar -xzf "$tarball" -C "$rootfs" || return 1
   else
     say "stand-in: debootstrap $SUITE (about 2 minutes) ..."
-    debootstrap --variant=minbase --include="$DEBS" "$SUITE" "$rootfs" "$MIRROR" \
+    # shellcheck disable=SC2086
+    debootstrap --variant=minbase --include="$DEBS" "$SUITE" "$rootfs" $MIRROR \
       >"$CACHE/debootstrap.log" 2>&1 || { say "debootstrap failed, see $CACHE/debootstrap.log"; return 1; }
     rm -rf "$rootfs"/var/cache/apt/archives/*.deb
     tar --numeric-owner -czf "$tarball.tmp" -C "$rootfs" . && mv "$tarball.tmp" "$tarball"
