@@ -7,7 +7,7 @@
 # 2. `python train.py epochs=3 threads=1`: the training time of each epoch (does a later epoch slow down?);
 # 3. the whole default command, `python train.py` (10 epochs, start-up and test passes included), against the
 #    textbook port's 10 epochs as a whole process (`python -m vae.baseline epochs=10`), one after the other;
-# 4. `python -m vae.bench modes=[eager,compile]`: three epochs per row, round-robin, with the baseline.
+# 4. `python -m vae.bench modes=[eager]`: three epochs per row, round-robin, with the baseline.
 # Writes OUT_DIR/cpu-figures.txt (the summary), the runs' logs and bench-cpu.json.
 set -u
 out=${1:?usage: scripts/cpu-figures.sh OUT_DIR}
@@ -42,6 +42,6 @@ wall baseline-10-epochs $py -m vae.baseline epochs=10
 grep -h "baseline epoch" "$out/baseline-10-epochs.log" | sed 's/^.*\] - //' | tee -a "$sum"
 
 echo "== 4. python -m vae.bench" | tee -a "$sum"
-wall bench $py -m vae.bench "modes=[eager,compile]" out="$out/bench-cpu.json"
+wall bench $py -m vae.bench "modes=[eager]" out="$out/bench-cpu.json"
 grep "^|\|epochs of training" "$out/bench.log" | tee -a "$sum"
 uptime | tee -a "$sum"

@@ -167,6 +167,7 @@ class ValidateOnStart(Callback):
         try:
             task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
             validate_ranges(task_cfg)
+            check_threads(task_cfg.threads)
             # Threads and the subnormal flush before the first parallel op (a resume check below builds a model):
             # worker threads copy the flush flag only from the thread that starts them.
             from vae.engine import configure_device

@@ -167,9 +167,11 @@ def format_table(result: Dict[str, Any]) -> str:
             ("  KL(q || p)", m["kl"]),
             ("discrete -ELBO", m["elbo_discrete"]),
             (f"IW bound, k={result['k']}", m["iw_bound"])]
-    usage = result["latents"]
+    usage = result.get("latents")  # absent when stopped before the end
+    if usage is None:
+        usage = {"latent_dim": 0, "categorical_dim": 0}
     n_var, k = usage["latent_dim"], usage["categorical_dim"]
-    code_rows = [(f"active variables (KL > {usage['active_kl']:g} nats)", f"{usage['active']:d} / {n_var}"),
+    code_rows = [] if not n_var else [(f"active variables (KL > {usage['active_kl']:g} nats)", f"{usage['active']:d} / {n_var}"),
                  (f"perplexity, mean (1 .. {k})", f"{usage['perplexity_mean']:.3f}"),
                  (f"confidence, mean max q (1/{k} .. 1)", f"{usage['confidence']:.3f}")]
     width = max(len(name) for name, _ in rows + code_rows)
@@ -177,8 +179,9 @@ def format_table(result: Dict[str, Any]) -> str:
              f"{result['n_images']} test images on {result['device']}, {result['seconds']:.1f} s)",
              f"{'test, nats per image':<{width}}  {'value':>9}"]
     lines += [f"{name:<{width}}  {value:9.3f}" for name, value in rows]
-    lines.append(f"code usage, {n_var} variables x {k} classes")
-    lines += [f"{name:<{width}}  {value:>9}" for name, value in code_rows]
+    if code_rows:
+        lines.append(f"code usage, {n_var} variables x {k} classes")
+        lines += [f"{name:<{width}}  {value:>9}" for name, value in code_rows]
     return "\n".join(lines)
 
 
@@ -224,8 +227,6 @@ def run(cfg: DictConfig, stop) -> Dict[str, Any]:
             iw = None if stop() else metrics.iw_bound(model, test, k=cfg.iw_samples, chunk=cfg.iw_chunk,
                                                       batch_size=cfg.batch_size, generator=generator(),
                                                       progress=bar.update, should_stop=stop)
-    usage = latents.code_usage(model, test, batch_size=cfg.batch_size, threshold=cfg.active_kl,
-                               generator=generator())
     seconds = time.perf_counter() - start
     if iw is None:  # Ctrl-C / SIGTERM: show what was computed; an earlier complete result file stays as it was
         print(format_table({"checkpoint": str(path), "epoch": ckpt["epoch"], "step": ckpt["step"], "tau": tau,
@@ -234,6 +235,9 @@ def run(cfg: DictConfig, stop) -> Dict[str, Any]:
         print(f"stopped by {stop.name} before the IW bound was done: nothing written", file=sys.stderr, flush=True)
         raise SystemExit(stop.exit_code)
     result_metrics["iw_bound"] = iw
+    usage = latents.code_usage(model, test, batch_size=cfg.batch_size, threshold=cfg.active_kl,
+                               generator=generator())
+    seconds = time.perf_counter() - start
     if not all(math.isfinite(v) for v in result_metrics.values()):
         raise UserError(f"checkpoint={str(path)!r} gives non-finite test metrics {result_metrics}; "
                         "its weights have diverged: evaluate an earlier checkpoint (e.g. best.pt)")

@@ -225,7 +225,7 @@ def load_model_and_batch(cfg: DictConfig, device: torch.device):
         from vae.checkpoint import load_checkpoint
 
         path = Path(cfg.checkpoint).expanduser()
-        ckpt = load_checkpoint(path, key="checkpoint")
+        ckpt = load_checkpoint(path, key="checkpoint", resume=False)  # scoring needs the weights and config only
         model = build_model(ckpt, path)
         check_settings("exact", 1, model.latent_dim, model.categorical_dim, cfg.baseline_decay)
         data_cfg, tau = data_config(ckpt, path, cfg.data_root), float(ckpt["tau"])

@@ -70,7 +70,7 @@ class TensorBoardLog:
     """
 
     def __init__(self, run_dir: Path, purge_step: Optional[int], recon_x: torch.Tensor, prior_noise: torch.Tensor,
-                 test_split, cfg: DictConfig):
+                 test_split=None, cfg: Optional[DictConfig] = None):
         from torch.utils.tensorboard import SummaryWriter
 
         from vae.latents import custom_scalars_layout
@@ -130,6 +130,8 @@ class TensorBoardLog:
         from vae.latents import code_usage, log_latents, traversal_grid
 
         cfg = self.cfg
+        if cfg is None or self.test_split is None:  # no test split given: no code-usage views
+            return
         generator = torch.Generator(device=self.test_split.device).manual_seed(cfg.seed)  # dynamic binarization
         stats = code_usage(model, self.test_split, batch_size=cfg.eval.batch_size, threshold=cfg.eval.active_kl,
                            generator=generator)
