@@ -22,13 +22,13 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vae.checkpoint import RunCheckpoints
-from vae.checks import check_new_run_dir, resolve_device, validate
+from vae.checks import check_new_run_dir, resolve_device, resolve_run, validate
 from vae.engine import configure_device, pick_modes
 from vae.errors import TrainingDiverged, entry_point, memory_hint
 from vae.device_data import load_device_splits
 from vae.gumbel import sample_gumbel
 from vae.progress import ProgressBar, StopFlag
-from vae.rundir import locked, override, resolve_run, write_metrics
+from vae.rundir import locked, override, write_metrics
 
 log = logging.getLogger("train")
 

@@ -22,6 +22,7 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
+from vae.bench_config import validate  # also registers the schema configs/bench.yaml composes
 from vae.config import CONFIG_DIR
 from vae.errors import UserError, entry_point
 from vae.schedule import tau_for
@@ -96,10 +97,9 @@ class BaselineRun:
 def main(cfg: DictConfig) -> None:
     """Train the textbook port for `epochs` whole epochs (the bench settings), one line per epoch."""
     from vae.checks import resolve_device
-    from vae.config import validate_ranges
     from vae.engine import configure_device
 
-    validate_ranges(cfg)
+    validate(cfg)
     device = resolve_device(cfg.device)
     configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
     runner = BaselineRun(cfg, device)

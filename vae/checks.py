@@ -185,3 +185,27 @@ class ValidateOnStart(Callback):
             print(f"error: the settings could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
                   "traceback)", file=sys.stderr, flush=True)
             sys.exit(1)
+
+
+def resolve_run(cfg, new_run_dir: Path, overrides) -> tuple:
+    """(config, run directory, resumed checkpoint or None, the run resumed in place or None) for a new run or a
+    `resume=`: the checkpoint's own settings plus this command line's, continued in the checkpoint's run directory
+    when it is a run's last.pt in a directory of ours (TensorBoard then shows one unbroken run), else in the new one
+    (a checkpoint copied to ~/Downloads must not write into ~)."""
+    import logging
+
+    from vae.checkpoint import load_checkpoint, resume_config
+    from vae.rundir import run_dir_of
+
+    if cfg.resume is None:
+        return cfg, new_run_dir, None, None
+    log = logging.getLogger("train")
+    resumed = load_checkpoint(cfg.resume, key="resume")
+    cfg = resume_config(cfg, resumed, overrides)
+    validate(cfg, check_resume=False)
+    in_place, why = run_dir_of(cfg.resume)
+    if in_place is not None:
+        log.info("resume: continuing the run in its own directory %s", in_place)
+        return cfg, in_place, resumed, in_place
+    log.info("resume: %s, so this run writes into its new run directory %s", why, new_run_dir)
+    return cfg, new_run_dir, resumed, None

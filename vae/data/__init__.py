@@ -138,7 +138,8 @@ def read_idx(path) -> torch.Tensor:
 
 
 # prepare() and the dataset table build on the definitions above, so they are imported after them.
-from vae.data.verify import check_root, prepare  # noqa: E402
+from vae.data.prepare import prepare  # noqa: E402
+from vae.data.verify import check_root  # noqa: E402
 
 
 def load_splits(data_cfg, splits: Sequence[str] = ("train", "test"), log: Optional[Log] = None,

@@ -83,9 +83,14 @@ class MovingAverageBaseline:
         self.decay = decay
         self.value = torch.zeros((), dtype=torch.float32, device=device)
         self.initialised = torch.zeros((), dtype=torch.bool, device=device)
+        # Wrapped here, not with a decorator: that would import torch._dynamo (seconds) with this module, in every
+        # run, for the two estimators that keep a baseline.
+        self._eager_update = torch.compiler.disable(self._update)
 
-    @torch.compiler.disable
     def __call__(self, signal: torch.Tensor) -> torch.Tensor:
+        return self._eager_update(signal)
+
+    def _update(self, signal: torch.Tensor) -> torch.Tensor:
         """The baseline for each element of `signal` (detached, any shape), then the average takes its mean in."""
         signal = signal.detach()
         n = signal.numel()
