@@ -289,7 +289,9 @@ def check_docker_commands(path: Path) -> int:
 
 
 def test_readme_docker_commands_use_the_image_paths():
-    assert check_docker_commands(REPO / "README.md") >= 2  # training and TensorBoard at least
+    # The README links the Docker guide (checked below) and may show a command of its own: the same rules apply.
+    assert "docs/docker.md" in (REPO / "README.md").read_text()
+    check_docker_commands(REPO / "README.md")
 
 
 def test_docker_guide_commands_use_the_image_paths():
