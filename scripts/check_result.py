@@ -14,7 +14,6 @@ evaluation itself is unusable.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -22,6 +21,9 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from make_result import sha256  # noqa: E402  (one implementation, beside this script)
 
 REPO = Path(__file__).resolve().parent.parent
 FORMAT = "gumbel-vae-result/1"
@@ -34,14 +36,6 @@ CONTEXT = (("checkpoint", "epoch", "epoch"), ("checkpoint", "step", "step"), ("e
 
 class Unusable(Exception):
     pass
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def check_structure(result: dict) -> None:

@@ -24,6 +24,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from vae.machine import cpu_model  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
 FORMAT = "gumbel-vae-result/1"
 METRICS = ("loss", "bce", "kl", "elbo_discrete", "iw_bound")  # what `python -m vae.evaluate` reports
@@ -66,16 +69,6 @@ def train_device(run_dir: Path):
         return None
     m = re.search(r"\| device (\S+) \|", log.read_text(errors="replace"))
     return m.group(1) if m else None
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def gpus() -> list:
