@@ -2,8 +2,9 @@
 
     python scripts/export_runs.py RUNS_DIR OUT.json
 
-RUNS_DIR holds one directory per run (as train.py writes them); the checkpoints and images stay behind. The
-result is what scripts/plot_estimators.py and the docs' tables read.
+RUNS_DIR holds one directory per run (as train.py writes them); the checkpoints and images stay behind, but the
+evaluation `python -m vae.evaluate` wrote beside a run's last.pt is included. The result is what
+scripts/estimator_tables.py reads.
 """
 import json
 import sys
@@ -19,8 +20,10 @@ def export(run: Path) -> dict:
     ea.Reload()
     curves = {tag: [[e.step, e.value] for e in ea.Scalars(tag)] for tag in TAGS if tag in ea.Tags()["scalars"]}
     overrides = run / ".hydra" / "overrides.yaml"
+    evaluated = run / "checkpoints" / "last.metrics.json"  # `python -m vae.evaluate` of the last checkpoint, if run
     return {"metrics": json.loads((run / "metrics.json").read_text()), "curves": curves,
-            "overrides": overrides.read_text() if overrides.is_file() else None}
+            "overrides": overrides.read_text() if overrides.is_file() else None,
+            "evaluate": json.loads(evaluated.read_text()) if evaluated.is_file() else None}
 
 
 def main(runs_dir: str, out: str) -> None:
