@@ -24,6 +24,14 @@ def reconstruction(model, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return bce_per_image(x_logits, x.expand_as(x_logits))
 
 
+def sampled_terms(model, x: torch.Tensor, noise: torch.Tensor):
+    """(logits, one-hot codes z ~ q(z|x) drawn from the noise, f(z) = -log p(x|z), the analytic KL): what every
+    score-function estimator here starts from; z is [k, B, N, K] for noise with a leading sample dimension."""
+    logits = model.encode(x)
+    z = sample_codes(logits, noise)
+    return logits, z, reconstruction(model, z, x), kl_categorical(logits, model.log_prior())
+
+
 class _WithBaseline(Estimator):
     """An estimator whose state is a MovingAverageBaseline (checkpointed with the run)."""
 
@@ -49,10 +57,7 @@ class SF(_WithBaseline):
     name = "sf"
 
     def batch_loss(self, model, x, noise, tau):
-        logits = model.encode(x)
-        z = sample_codes(logits, noise)
-        f = reconstruction(model, z, x)
-        kl = kl_categorical(logits, model.log_prior())
+        logits, z, f, kl = sampled_terms(model, x, noise)
         loss = f + kl
         signal = f.detach() - self.baseline(f)
         surrogate = loss + signal * score(log_q(logits, z))
@@ -75,10 +80,7 @@ class RLOO(Estimator):
 
     def batch_loss(self, model, x, noise, tau):
         k = noise.shape[0]
-        logits = model.encode(x)
-        z = sample_codes(logits, noise)                          # [k, B, N, K]
-        f = reconstruction(model, z, x)                          # [k, B]
-        kl = kl_categorical(logits, model.log_prior())           # [B]
+        logits, z, f, kl = sampled_terms(model, x, noise)        # z [k, B, N, K], f [k, B], kl [B]
         loss = f + kl
         others = (f.detach().sum(dim=0) - f.detach()) / (k - 1)
         surrogate = loss + (f.detach() - others) * score(log_q(logits, z))
@@ -109,10 +111,7 @@ class MuProp(_WithBaseline):
     name = "muprop"
 
     def batch_loss(self, model, x, noise, tau):
-        logits = model.encode(x)
-        z = sample_codes(logits, noise)
-        f = reconstruction(model, z, x)
-        kl = kl_categorical(logits, model.log_prior())
+        logits, z, f, kl = sampled_terms(model, x, noise)
         loss = f + kl
         mu = F.softmax(logits, dim=-1)
         f_mu, grad_mu = taylor_terms(model, mu, x)
