@@ -184,6 +184,13 @@ def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Ite
     if differ:
         raise UserError(f"resume={cfg.resume!r} has a different architecture: {'; '.join(differ)}. "
                         "Drop those overrides to continue the run, or start a new run without resume=")
+    # The saved moments belong to the optimizer that wrote them: another one would continue from a state it never
+    # produced. Old checkpoints (no `optimizer` group) were written by Adam, which the schema's default says.
+    saved_opt = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"]).optimizer)
+    differ = architecture_mismatch(merged, {"optimizer": saved_opt}, ("optimizer.name",))
+    if differ:
+        raise UserError(f"resume={cfg.resume!r} was trained with another optimizer: {'; '.join(differ)}. Drop that "
+                        "override to continue the run, or start a new run without resume=")
     # Test losses on other data would not compare with the run's own, and best.pt is chosen by comparing them.
     saved_data = {k: v for k, v in OmegaConf.to_container(OmegaConf.merge(
         OmegaConf.structured(Config), ckpt["config"])).items() if k == "data"}

@@ -77,6 +77,16 @@ class DataConfig:
 
 
 @dataclass
+class OptimizerConfig:
+    # adam (the default: fused Adam, Kingma & Ba 2015) | radam (Liu et al. 2020: ReinMax's MNIST-VAE scripts).
+    # The learning rate is the top-level `lr`; the rest are torch.optim's arguments, with its defaults.
+    name: str = "adam"
+    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+
+
+@dataclass
 class EvalConfig:
     # k of the importance-weighted bound logged at the end of training (0 = skip; the paper uses 1000).
     iw_samples: int = 0
@@ -127,6 +137,7 @@ class Config:
     prior_samples: int = 64
     resume: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
@@ -162,6 +173,20 @@ def check_seed(seed: Any, key: str = "seed") -> None:
     check(isinstance(seed, int) and 0 <= seed < SEED_LIMIT, key, seed, "must be an integer in [0, 2^63)")
 
 
+def check_optimizer(opt: DictConfig) -> None:
+    from vae.optim import OPTIMIZERS
+
+    check(opt.name in OPTIMIZERS, "optimizer.name", opt.name,
+          f"one of {', '.join(OPTIMIZERS)} (choose with optimizer={'|'.join(OPTIMIZERS)})")
+    betas = list(opt.betas)
+    check(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas), "optimizer.betas",
+          betas, "two numbers in [0, 1), e.g. optimizer.betas=[0.9,0.999]")
+    check(isinstance(opt.eps, (int, float)) and math.isfinite(opt.eps) and opt.eps > 0, "optimizer.eps", opt.eps,
+          "must be a number > 0")
+    check(isinstance(opt.weight_decay, (int, float)) and math.isfinite(opt.weight_decay) and opt.weight_decay >= 0,
+          "optimizer.weight_decay", opt.weight_decay, "must be a number >= 0")
+
+
 def validate_ranges(cfg: DictConfig) -> None:
     """Range checks on the values alone (no file system, no devices)."""
     def finite(v: float) -> bool:
@@ -185,6 +210,7 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(cfg.epochs >= 0, "epochs", cfg.epochs, "must be an integer >= 0")
     check(finite(cfg.lr) and cfg.lr > 0, "lr", cfg.lr, "must be a number > 0")
     check_seed(cfg.seed)
+    check_optimizer(cfg.optimizer)
     check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
     check(cfg.compile_min_steps >= 0, "compile_min_steps", cfg.compile_min_steps, "must be an integer >= 0")
     check(cfg.log_interval >= 1, "log_interval", cfg.log_interval, "must be an integer >= 1 (steps)")

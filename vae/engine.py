@@ -19,6 +19,9 @@ from typing import Optional
 import torch
 
 from vae.gumbel import sample_gumbel
+# The optimizers live in vae/optim.py; these names stay importable from here for older callers.
+from vae.optim import (compiles_optimizer, load_optimizer_state_, make_optimizer,  # noqa: F401
+                       reset_optimizer_state_, set_lr_)
 
 log = logging.getLogger(__name__)
 
@@ -73,40 +76,6 @@ def make_generators(seed: int, device: torch.device) -> dict:
     seeds = torch.randint(2**62, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
     names = ("shuffle", "noise", "binarize", "eval")
     return {n: torch.Generator(device=device).manual_seed(s) for n, s in zip(names, seeds)}
-
-
-def compiles_optimizer(device: torch.device, compile: bool) -> bool:
-    """Whether the compiled step also compiles Adam (CUDA only; see make_optimizer)."""
-    return compile and device.type == "cuda"
-
-
-def make_optimizer(model, lr: float, device: torch.device, cuda_graph: bool, compile: bool = False):
-    # Fused Adam: one kernel for all parameters instead of a handful per tensor (measured: docs/speed.md). On CUDA
-    # the fused kernel cuts these 1.2 M parameters into chunks of 65,536, a handful of thread blocks on a big GPU:
-    # so when the step is compiled, Adam is the foreach implementation compiled with it (TrainStep), which Inductor
-    # turns into a few wide kernels. `capturable` keeps the step counter on the device so a captured graph advances it.
-    # For a captured step the learning rate is a 0-d device tensor, like tau: every replay reads it, so `set_lr_`
-    # changes it without a new capture (a float would be baked into the graph).
-    if cuda_graph and device.type == "cuda":
-        lr = torch.tensor(lr, device=device)
-    if compiles_optimizer(device, compile):
-        return torch.optim.Adam(model.parameters(), lr=lr, foreach=True, capturable=True)
-    kwargs = dict(fused=True)
-    if device.type == "cuda":
-        kwargs["capturable"] = cuda_graph
-    return torch.optim.Adam(model.parameters(), lr=lr, **kwargs)
-
-
-def set_lr_(optimizer, lr: float) -> None:
-    """Set every group's learning rate; in place where it is a tensor on the parameters' device (a captured graph
-    reads that tensor). Anything else, such as a CUDA tensor loaded from a checkpoint into a CPU run, is replaced."""
-    for group in optimizer.param_groups:
-        current = group["lr"]
-        if torch.is_tensor(current) and current.device == group["params"][0].device:
-            with torch.no_grad():
-                current.fill_(lr)
-        else:
-            group["lr"] = lr
 
 
 class TrainStep:
@@ -201,29 +170,3 @@ class TrainStep:
             self.optimizer.zero_grad(set_to_none=True)
             with torch.cuda.graph(self.graph):
                 self.static_stats, self.static_norm = self._body(self.static_idx, self.static_tau, True)
-
-
-def reset_optimizer_state_(optimizer) -> None:
-    """Zero Adam's moments and step counters in place (a fresh optimizer, at the same addresses)."""
-    with torch.no_grad():
-        for state in optimizer.state.values():
-            for v in state.values():
-                if torch.is_tensor(v):
-                    v.zero_()
-
-
-def load_optimizer_state_(optimizer, saved: dict) -> None:
-    """Load a saved optimizer state. With a captured graph the state tensors must keep their addresses, so when
-    they already exist the values are copied in place; otherwise the ordinary `load_state_dict` is used."""
-    if not optimizer.state:
-        optimizer.load_state_dict(saved)
-        return
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    with torch.no_grad():
-        for i, p in enumerate(params):
-            for k, v in saved["state"].get(i, {}).items():
-                target = optimizer.state[p][k]
-                if torch.is_tensor(target):
-                    target.copy_(v)
-                else:
-                    optimizer.state[p][k] = v

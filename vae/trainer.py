@@ -128,8 +128,11 @@ class Trainer:
         """The step's warm-up (compile) or capture changes weights, Adam's state and the random streams, and puts
         them back as they were (in place: a captured graph holds their addresses)."""
         cfg, gens = self.cfg, self.state.gens
-        factory = self.optimizer_factory or make_optimizer
-        self.optimizer = factory(self.model, cfg.lr, self.device, self.cuda_graph, self.compile)
+        if self.optimizer_factory is None:
+            spec = OmegaConf.to_container(cfg.optimizer) if "optimizer" in cfg else None
+            self.optimizer = make_optimizer(self.model, cfg.lr, self.device, self.cuda_graph, self.compile, spec)
+        else:
+            self.optimizer = self.optimizer_factory(self.model, cfg.lr, self.device, self.cuda_graph, self.compile)
         binarize_gen = gens["binarize"] if self.train_split.binarize == "dynamic" else None
         self.step_fn = TrainStep(self.model, self.optimizer, self.train_split, batch_size=cfg.batch_size,
                                  estimator=self.estimator, noise_generator=gens["noise"],
