@@ -76,7 +76,7 @@ def test_command_end_to_end(tmp_path):
     # The numbers are those of the metrics on the training run's own static test draw (train, then test, from
     # one generator seeded with binarize_seed), each metric from a fresh generator seeded with `seed`.
     data_cfg = OmegaConf.create(torch.load(ckpt, weights_only=True)["config"]["data"])
-    _, test = make_splits(load_split(data_cfg, "train")[0], load_split(data_cfg, "test")[0], "cpu", "static", 5)
+    _, test, _ = make_splits(load_split(data_cfg, "train")[0], load_split(data_cfg, "test")[0], "cpu", "static", 5)
     model = CategoricalVAE(3, 4)
     model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
     want = metrics.evaluate_split(model, test, tau=0.8, hard=True, generator=torch.Generator().manual_seed(0),

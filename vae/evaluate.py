@@ -88,15 +88,10 @@ def validate(cfg: DictConfig) -> None:
 
 
 def build_model(ckpt: Dict[str, Any], path: Path) -> CategoricalVAE:
-    c = ckpt["config"]
-    try:
-        model = CategoricalVAE(c["latent_dim"], c["categorical_dim"], c.get("prior", "uniform"))
-    except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint={str(path)!r}: its config does not describe a model ({type(e).__name__}: "
-                        f"{e}); pass a last.pt or best.pt written by train.py") from e
-    check_model_state(ckpt, model.state_dict(), f"checkpoint={str(path)!r}")
-    model.load_state_dict(ckpt["model"])
-    return model
+    """The checkpoint's model with its weights (vae.checkpoint.model_from_checkpoint)."""
+    from vae.checkpoint import model_from_checkpoint
+
+    return model_from_checkpoint(ckpt, path)
 
 
 def data_config(ckpt: Dict[str, Any], path: Path, data_root: Optional[str]) -> DictConfig:
@@ -113,23 +108,10 @@ def data_config(ckpt: Dict[str, Any], path: Path, data_root: Optional[str]) -> D
 
 
 def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
-    """The test split as the model should be scored on it: one fixed binary draw for static and dynamic."""
-    from vae.data import load_splits  # imported here so `--help` and config errors don't need the data module
+    """The test split as the model should be scored on it (vae.device_data.scoring_test_split)."""
+    from vae.device_data import scoring_test_split
 
-    if data_cfg.binarize == "static":
-        # The same draw as in training: make_splits draws train, then test, from one seeded generator.
-        (train_images, _), (test_images, _) = load_splits(data_cfg, ("train", "test"))
-        _, test = make_splits(train_images, test_images, device, "static", data_cfg.binarize_seed)
-        return test
-    (test_images, _), = load_splits(data_cfg, ("test",))
-    if data_cfg.binarize == "dynamic":
-        # All three metrics must score the same binary images, and checkpoints of different runs the same
-        # ones too, so draw once, seeded by the dataset's binarize_seed. A {0, 255} uint8 image read as
-        # grayscale ("none") is exactly 0.0 / 1.0.
-        gen = torch.Generator().manual_seed(data_cfg.binarize_seed)
-        binary = torch.bernoulli(test_images.float().div_(255), generator=gen).mul_(255).to(torch.uint8)
-        return DeviceSplit(binary, device, "none")
-    return DeviceSplit(test_images, device, data_cfg.binarize)
+    return scoring_test_split(data_cfg, device)
 
 
 @torch.no_grad()

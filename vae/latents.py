@@ -88,7 +88,7 @@ def traversal_grid(model, x: torch.Tensor, kl_per_variable: torch.Tensor, *, max
     codes = traversal_codes(model, x.to(device), rows)
     images = torch.sigmoid(model.decode(codes.flatten(0, 1)))                 # [R * K, 784]
     # Same look as vae.tensorboard.image_grid (2 px white padding), one row per variable.
-    return make_grid(images.reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=model.categorical_dim, padding=2,
+    return make_grid(images.reshape(-1, 1, *model.image_shape).clamp(0, 1).cpu(), nrow=model.categorical_dim, padding=2,
                      pad_value=1.0)
 
 

@@ -20,11 +20,11 @@ HPARAM_KEYS = ("latent_dim", "categorical_dim", "prior", "hard", "estimator", "t
                "anneal_rate", "anneal_interval", "batch_size", "epochs", "lr", "seed", "data.name", "data.binarize")
 
 
-def image_grid(x: torch.Tensor, nrow: int = 8) -> torch.Tensor:
+def image_grid(x: torch.Tensor, nrow: int = 8, shape=(28, 28)) -> torch.Tensor:
     """Flat images [B, 784] in [0, 1] -> one [3, H, W] grid."""
     from torchvision.utils import make_grid
 
-    return make_grid(x.detach().reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
+    return make_grid(x.detach().reshape(-1, 1, *shape).clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
 
 
 @contextlib.contextmanager
@@ -112,6 +112,8 @@ class TensorBoardLog:
         with write_failures(self.run_dir):
             for key in ("loss", "bce", "kl", "elbo_discrete"):
                 self.writer.add_scalar(f"test/{key}", test[key], step)
+                if "val" in test:  # the validation split's, which chooses best.pt
+                    self.writer.add_scalar(f"val/{key}", test["val"][key], step)
             self.write_images(trainer.model, step)
             self.write_latents(trainer.model, step)
             self.writer.flush()  # every epoch: a run killed later keeps what it showed
@@ -120,9 +122,9 @@ class TensorBoardLog:
     def write_images(self, model, step: int) -> None:
         recon = torch.sigmoid(model.decode(one_hot_argmax(model.encode(self.recon_x))))
         self.writer.add_image("test/reconstructions", image_grid(torch.cat([self.recon_x, recon]),
-                                                                 nrow=len(self.recon_x)), step)
+                                                                 nrow=len(self.recon_x), shape=model.image_shape), step)
         codes = one_hot_argmax(model.log_prior() + self.prior_noise)
-        self.writer.add_image("samples/prior", image_grid(torch.sigmoid(model.decode(codes))), step)
+        self.writer.add_image("samples/prior", image_grid(torch.sigmoid(model.decode(codes)), shape=model.image_shape), step)
 
     def write_latents(self, model, step: int) -> None:
         """How the code is used (docs/dashboard.md): one more encoder pass over the test set, and a traversal of
