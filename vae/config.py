@@ -113,7 +113,7 @@ class EvalConfig:
     batch_size: int = 1000
     # A latent variable counts as active (latents/active) when its mean KL exceeds this many nats per image.
     active_kl: float = 0.01
-    # Latent variables (those of highest KL) shown as rows of the latents/traversal image.
+    # Latent variables (those of highest KL) shown as rows of the latents/traversal and latents/class_means images.
     traversal_rows: int = 10
 
 
