@@ -325,8 +325,10 @@ def run(cfg: DictConfig) -> Dict:
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "gradients.json", json.dumps(result, indent=2) + "\n")
     source = cfg.checkpoint or f"fresh model, latent_dim={cfg.latent_dim} categorical_dim={cfg.categorical_dim}"
-    draw_chart(result, taus, cfg.samples, out / "gradients.png",
-               f"{source}: {len(x)} images, {cfg.samples} estimates each, tau={','.join(f'{t:g}' for t in taus)}")
+    ref = result.get("reference")
+    against = f", vs an ESTIMATED reference ({ref['estimates']} {ref['estimator']} estimates)" if ref else ""
+    draw_chart(result, taus, cfg.samples, out / "gradients.png", f"{source}: {len(x)} images, {cfg.samples} "
+               f"estimates each, tau={','.join(f'{t:g}' for t in taus)}{against}")
     print(format_table(result, taus, cfg.samples))
     print(f"{len(x)} images, {model.categorical_dim}^{model.latent_dim} codes, on {device}, {seconds:.1f} s")
     print(f"wrote {out / 'gradients.json'} and {out / 'gradients.png'}")
