@@ -42,6 +42,7 @@ def train(cfg: DictConfig) -> float:
 def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from vae.snr import GradientSNR
     from vae.tensorboard import TensorBoardLog, log_hparams
     from vae.trainer import Trainer
 
@@ -83,7 +84,7 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     progress = ProgressBar()
     with TensorBoardLog(run_dir, trainer.state.step + 1 if resumed else None, recon_x, prior_noise, test_split,
                         cfg) as tb, logging_redirect_tqdm():
-        trainer.callbacks = [progress, checkpoints, tb]
+        trainer.callbacks = [progress, checkpoints, tb, *GradientSNR.for_run(cfg, tb)]
         try:
             test = trainer.fit(test_split, val_split)
         except TrainingDiverged as e:

@@ -150,6 +150,9 @@ class Config:
     # CPU threads for PyTorch (null = its default, one per core).
     threads: Optional[int] = None
     log_interval: int = 100
+    # train/grad_snr (vae/snr.py) every this many steps, from snr_samples gradient estimates (0 = off).
+    snr_interval: int = 0
+    snr_samples: int = 16
     recon_images: int = 8
     prior_samples: int = 64
     resume: Optional[str] = None
@@ -261,6 +264,8 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
     check(cfg.compile_min_steps >= 0, "compile_min_steps", cfg.compile_min_steps, "must be an integer >= 0")
     check(cfg.log_interval >= 1, "log_interval", cfg.log_interval, "must be an integer >= 1 (steps)")
+    check(cfg.snr_interval >= 0, "snr_interval", cfg.snr_interval, "must be an integer >= 0 (steps; 0 = off)")
+    check(cfg.snr_samples >= 2, "snr_samples", cfg.snr_samples, "must be an integer >= 2 (a spread needs two)")
     check(1 <= cfg.recon_images <= MAX_IMAGES, "recon_images", cfg.recon_images,
           f"must be an integer in [1, {MAX_IMAGES}] (images in a grid)")
     check(1 <= cfg.prior_samples <= MAX_IMAGES, "prior_samples", cfg.prior_samples,
