@@ -22,12 +22,11 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
 from vae.checkpoint import RunCheckpoints
-from vae.checks import check_new_run_dir, resolve_device, resolve_run, validate
-from vae.engine import configure_device, pick_modes
 from vae.errors import TrainingDiverged, entry_point, memory_hint
 from vae.data import dataset_title
 from vae.device_data import load_device_splits
 from vae.gumbel import sample_gumbel
+from vae.plan import take as take_plan
 from vae.progress import ProgressBar, StopFlag
 from vae.rundir import locked, override, write_metrics
 
@@ -47,32 +46,27 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     from vae.trainer import Trainer
 
     hydra_cfg = HydraConfig.get()
-    validate(cfg, check_resume=False)  # again: in a multirun, each job's values are only known here
-    cfg, run_dir, resumed, in_place = resolve_run(cfg, Path(hydra_cfg.runtime.output_dir), hydra_cfg.overrides.task)
-    held.enter_context(locked(run_dir, resuming=in_place is not None))  # one train.py per run directory
-    check_new_run_dir(run_dir, cfg.resume)
+    plan = take_plan(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task)  # made once (vae/plan.py)
+    cfg, run_dir, device, resumed = plan.cfg, plan.run_dir, plan.device, plan.resumed
+    held.enter_context(locked(run_dir, resuming=plan.in_place))  # one train.py per run directory
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
     sizes = f"batch_size={cfg.batch_size}, eval.batch_size={cfg.eval.batch_size} and the code, latent_dim x " \
             f"categorical_dim = {cfg.latent_dim} x {cfg.categorical_dim}"
     held.enter_context(memory_hint("while training", sizes))
 
     with stop.at_once("during start-up"):  # nothing to save yet: a signal here ends the run at once
-        device = resolve_device(cfg.device)
-        configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
         if cfg.device == "auto" and device.type == "cpu":
             log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
         train_split, test_split, val_split = load_device_splits(cfg.data, device)
-        steps_left = cfg.epochs * (train_split.n // cfg.batch_size) - (resumed["step"] if resumed else 0)
-        compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph, steps_left,
-                                              cfg.compile_min_steps)
-        log.info("run directory %s | device %s | compile=%s cuda_graph=%s | %s: %d train, %d validation, %d test "
-                 "images of %dx%d", run_dir, device, compile_mode, graph_mode, dataset_title(cfg.data), train_split.n,
-                 val_split.n if val_split else 0, test_split.n, *train_split.image_shape)
-
-        trainer = Trainer(cfg, train_split, device, compile=compile_mode, cuda_graph=graph_mode,
-                          should_stop=stop)
+        compile_mode, graph_mode = plan.modes(cfg.epochs * (train_split.n // cfg.batch_size)
+                                              - (resumed["step"] if resumed else 0))
+        log.info("run directory %s%s | device %s | compile=%s cuda_graph=%s | %s: %d train, %d validation, %d test "
+                 "images of %dx%d", run_dir, " (resumed in place)" if plan.in_place else "", device, compile_mode,
+                 graph_mode, dataset_title(cfg.data), train_split.n, val_split.n if val_split else 0, test_split.n,
+                 *train_split.image_shape)
+        trainer = Trainer(cfg, train_split, device, compile=compile_mode, cuda_graph=graph_mode, should_stop=stop)
         if resumed:
-            trainer.resume(resumed, cfg.resume)
+            trainer.resume(resumed, cfg.resume, checked=True)
         if trainer.state.epoch < cfg.epochs:
             trainer.build()  # the optimizer, and the compiled or captured step: seconds to minutes
     start_step = trainer.state.step
@@ -111,7 +105,7 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
                            {"stopped": f"by {stop.name} before the importance-weighted bound was done"})
         log_hparams(tb.writer, cfg, {"test/loss": results["test_loss"],
                                      "test/elbo_discrete": results["test_elbo_discrete"]})
-    written = write_metrics(run_dir, results, list(hydra_cfg.overrides.task), resumed_in_place=in_place is not None,
+    written = write_metrics(run_dir, results, list(plan.overrides), resumed_in_place=plan.in_place,
                             trained=s.step > start_step)
     if not written:
         log.info("metrics.json kept as it was: this resume trained nothing (the run had finished)")

@@ -223,12 +223,12 @@ def test_start_up_checks_name_the_setting_in_one_line(tiny_data, tmp_path, capsy
 
 
 def test_an_unexpected_failure_in_the_start_up_checks_exits_too(tiny_data, tmp_path, capsys, monkeypatch):
-    import vae.checks
+    import vae.plan
 
     def broken(*a, **k):
         raise ValueError("Overflow when unpacking long long")
 
-    monkeypatch.setattr(vae.checks, "validate", broken)
+    monkeypatch.setattr(vae.plan, "make_plan", broken)
     code, lines = validate_on_start(capsys, f"data.root={tiny_data}", run_dir=tmp_path / "run")
     assert code == 1 and len(lines) == 1 and "ValueError: Overflow" in lines[0], lines
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict
 
 from vae.config import validate_ranges
 from vae.errors import UserError, describe, exit_with
@@ -102,17 +102,8 @@ def check_iw_memory(device, *, iw_samples: int, iw_chunk: int, batch_size: int, 
                         f"of {where}: lower {keys[0]} (the bound is the same for any chunk) or {keys[1]}")
 
 
-def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
-             check_resume: bool = True) -> None:
-    """Everything that can be checked before a run writes its first byte.
-
-    `overrides` are the command line's (hydra.overrides.task): with `resume=`, they decide which settings may
-    differ from the checkpoint's. `output_dir`: the run directory Hydra is about to create (a new run's must not
-    hold another run).
-    """
-    validate_ranges(cfg)
-    device = resolve_device(cfg.device)
-    check_threads(cfg.threads)
+def check_environment(cfg: DictConfig, device) -> None:
+    """What the settings ask of this machine: memory for the IW bound, the data where the data layer will look."""
     check_iw_memory(device, iw_samples=cfg.eval.iw_samples, iw_chunk=cfg.eval.iw_chunk,
                     batch_size=cfg.eval.batch_size, code=cfg.latent_dim * cfg.categorical_dim)
     root = Path(cfg.data.root).expanduser()
@@ -121,27 +112,41 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
     from vae.data import check_source  # a read-only data.root is fine when it holds every file: the data layer decides
 
     check_source(cfg.data)
+
+
+def check_resumable(cfg: DictConfig, ckpt: dict) -> None:
+    """The checkpoint's weights fit the model its (resumed) config describes, and its optimizer state those
+    weights."""
+    from vae.checkpoint import check_model_state, check_optimizer_state, image_shape_of
+    from vae.model import build_model
+
+    model = build_model(cfg, image_shape_of(ckpt))
+    check_model_state(ckpt, model.state_dict(), cfg.resume)
+    check_optimizer_state(ckpt, model, cfg.resume)
+
+
+def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
+             check_resume: bool = True) -> None:
+    """Everything `make_plan` checks, without configuring the device (for tests and tools that only ask)."""
+    if check_resume and cfg.resume is not None:
+        from vae.checkpoint import load_checkpoint, resume_config
+
+        ckpt = load_checkpoint(cfg.resume, key="resume")
+        cfg = resume_config(cfg, ckpt, overrides)
+    validate_ranges(cfg)
+    device = resolve_device(cfg.device)
+    check_threads(cfg.threads)
+    check_environment(cfg, device)
     if output_dir is not None:
         check_writable(Path(output_dir), "hydra.run.dir")
     if check_resume and cfg.resume is not None:
-        from vae.checkpoint import (check_model_state, check_optimizer_state, image_shape_of, load_checkpoint,
-                                    resume_config)
-        from vae.model import build_model
-
-        ckpt = load_checkpoint(cfg.resume, key="resume")
-        resumed = resume_config(cfg, ckpt, overrides)
-        validate(resumed, check_resume=False)
-        model = build_model(resumed, image_shape_of(ckpt))
-        check_model_state(ckpt, model.state_dict(), cfg.resume)
-        check_optimizer_state(ckpt, model, cfg.resume)
+        check_resumable(cfg, ckpt)
 
 
-def check_new_run_dir(run_dir: Path, resume: Optional[str]) -> None:
+def check_new_run_dir(run_dir: Path) -> None:
     """A new run (or a resume that cannot continue in its own directory) must not write over another run."""
-    from vae.rundir import holds_run, override, run_dir_of
+    from vae.rundir import holds_run, override
 
-    if resume is not None and run_dir_of(resume)[0] == Path(run_dir).resolve():
-        return  # the resume of that very run
     found = holds_run(run_dir)
     if found:
         last = Path(run_dir) / "checkpoints" / "last.pt"
@@ -157,27 +162,14 @@ class ValidateOnStart(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        self._validate(config, config.hydra.run.dir, new_run=True)
+        """Make the run's plan (vae/plan.py) and hand it to train.py. A resume that continues a run in its own
+        directory moves Hydra's run directory there too, so the log goes on in the run's own train.log and this
+        command's .hydra/ files go to .hydra/resumes/<time>/ beside the run's original ones."""
+        from vae.plan import hand_over, make_plan
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Per-job values are only known inside each job; train.py validates those again.
-        self._validate(config, config.hydra.sweep.dir)
-
-    @staticmethod
-    def _validate(config: DictConfig, output_dir: str, new_run: bool = False) -> None:
         try:
             task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
-            validate_ranges(task_cfg)
-            check_threads(task_cfg.threads)
-            # Threads and the subnormal flush before the first parallel op (a resume check below builds a model):
-            # worker threads copy the flush flag only from the thread that starts them.
-            from vae.engine import configure_device
-
-            configure_device(resolve_device(task_cfg.device), task_cfg.tf32, task_cfg.threads,
-                             task_cfg.flush_denormal)
-            validate(task_cfg, output_dir, list(config.hydra.overrides.task))
-            if new_run:
-                check_new_run_dir(Path(output_dir), task_cfg.resume)
+            plan = make_plan(task_cfg, config.hydra.run.dir, list(config.hydra.overrides.task))
         except UserError as e:
             exit_with(e)
         except Exception as e:
@@ -186,27 +178,30 @@ class ValidateOnStart(Callback):
             print(f"error: the settings could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
                   "traceback)", file=sys.stderr, flush=True)
             sys.exit(1)
+        if plan.in_place:
+            import time
 
+            with open_dict(config.hydra):
+                config.hydra.run.dir = str(plan.run_dir)
+                if config.hydra.output_subdir is not None:
+                    config.hydra.output_subdir = f"{config.hydra.output_subdir}/resumes/" \
+                                                 f"{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        hand_over(plan)
 
-def resolve_run(cfg, new_run_dir: Path, overrides) -> tuple:
-    """(config, run directory, resumed checkpoint or None, the run resumed in place or None) for a new run or a
-    `resume=`: the checkpoint's own settings plus this command line's, continued in the checkpoint's run directory
-    when it is a run's last.pt in a directory of ours (TensorBoard then shows one unbroken run), else in the new one
-    (a checkpoint copied to ~/Downloads must not write into ~)."""
-    import logging
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        # Per-job values are only known inside each job; train.py validates those again.
+        self._validate(config, config.hydra.sweep.dir)
 
-    from vae.checkpoint import load_checkpoint, resume_config
-    from vae.rundir import run_dir_of
-
-    if cfg.resume is None:
-        return cfg, new_run_dir, None, None
-    log = logging.getLogger("train")
-    resumed = load_checkpoint(cfg.resume, key="resume")
-    cfg = resume_config(cfg, resumed, overrides)
-    validate(cfg, check_resume=False)
-    in_place, why = run_dir_of(cfg.resume)
-    if in_place is not None:
-        log.info("resume: continuing the run in its own directory %s", in_place)
-        return cfg, in_place, resumed, in_place
-    log.info("resume: %s, so this run writes into its new run directory %s", why, new_run_dir)
-    return cfg, new_run_dir, resumed, None
+    @staticmethod
+    def _validate(config: DictConfig, output_dir: str) -> None:
+        try:
+            task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+            validate(task_cfg, output_dir, list(config.hydra.overrides.task))
+        except UserError as e:
+            exit_with(e)
+        except Exception as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: the settings could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
+                  "traceback)", file=sys.stderr, flush=True)
+            sys.exit(1)

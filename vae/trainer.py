@@ -154,12 +154,14 @@ class Trainer:
                 **self.state.state_dict(), "estimator": self.estimator.state_dict(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "torch_version": str(torch.__version__)}
 
-    def resume(self, ckpt: dict, path) -> None:
-        """Continue the run saved in `ckpt` (read from `path`), after checking that it fits this model."""
-        from vae.checkpoint import check_model_state, check_optimizer_state
+    def resume(self, ckpt: dict, path, checked: bool = False) -> None:
+        """Continue the run saved in `ckpt` (read from `path`), after checking that it fits this model (unless the
+        run's plan has checked it already: vae/plan.py)."""
+        if not checked:
+            from vae.checkpoint import check_model_state, check_optimizer_state
 
-        check_model_state(ckpt, self.initial_weights, path)
-        check_optimizer_state(ckpt, self.model, path)
+            check_model_state(ckpt, self.initial_weights, path)
+            check_optimizer_state(ckpt, self.model, path)
         self.load(ckpt)
         s = self.state
         log.info("resumed %s at step %d (%d epochs and %d steps done), tau %.4f", path, s.step, s.epoch,

@@ -1,0 +1,98 @@
+"""One plan per run: every start-up question of `python train.py` answered once, before any work.
+
+    plan = make_plan(cfg, output_dir, overrides)   # raises a one-line UserError for anything wrong
+
+Is each setting allowed (vae/config.py's checks, on the run's final config: for `resume=`, the checkpoint's settings
+plus this command line's), which device and how many threads (configured here, once, before the first parallel
+op), the checkpoint to resume (read and checked here, once: structure, weights against the model its config
+describes, the optimizer's state against those weights), where the run writes (a resume of a run's last.pt
+continues in that run's own directory, logs and `.hydra/` included; anything else in the new directory Hydra is
+about to create) and whether that directory may be used. The answer is a frozen `RunPlan` that train.py and the
+Hydra start-up callback share: the callback makes it before Hydra creates the run directory (so a bad setting
+leaves nothing behind) and train.py takes it; a run started without the callback (a test calling train.train, a
+sweep job) makes its own.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Sequence, Tuple
+
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("train")
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    cfg: DictConfig                 # the run's settings, read-only
+    device: object                  # torch.device
+    run_dir: Path                   # where the run writes
+    resumed: Optional[dict]         # the checkpoint to continue (read and checked), or None for a new run
+    in_place: bool                  # a resume that continues in the checkpoint's own run directory
+    overrides: Tuple[str, ...]      # the command line's overrides (metrics.json records them)
+
+    def modes(self, steps: int) -> Tuple[bool, bool]:
+        """(compile, cuda_graph) for a run of `steps` steps: the device's policy (vae.engine.pick_modes) applied to
+        the settings; the number of steps is known once the data is loaded."""
+        from vae.engine import pick_modes
+
+        c = self.cfg
+        return pick_modes(self.device, c.compile, c.cuda_graph, steps, c.compile_min_steps)
+
+
+def make_plan(cfg: DictConfig, output_dir, overrides: Sequence[str] = ()) -> RunPlan:
+    """Decide the run. `cfg` is the composed config (without Hydra's node), `output_dir` the run directory Hydra
+    made or is about to make, `overrides` the command line's (with `resume=`, they decide which settings may differ
+    from the checkpoint's)."""
+    from vae import checks
+    from vae.checkpoint import load_checkpoint, resume_config
+    from vae.config import check_device_name, validate_ranges
+    from vae.engine import configure_device
+    from vae.rundir import run_dir_of
+
+    overrides = tuple(str(o) for o in overrides)
+    resumed, in_place, run_dir = None, False, Path(output_dir)
+    if cfg.resume is not None:
+        check_device_name(cfg.device)  # before the checkpoint is read onto it
+        resumed = load_checkpoint(cfg.resume, key="resume")
+        cfg = resume_config(cfg, resumed, overrides)
+        here, why = run_dir_of(cfg.resume)
+        if here is not None:
+            run_dir, in_place = here, True
+        else:
+            log.info("resume: %s, so this run writes into its new run directory %s", why, run_dir)
+    validate_ranges(cfg)  # the run's final settings, once
+    checks.check_threads(cfg.threads)
+    device = checks.resolve_device(cfg.device)
+    # Threads and the subnormal flush before the first parallel op: worker threads copy the flush flag only from
+    # the thread that starts them (docs/denormals.md).
+    configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
+    checks.check_environment(cfg, device)
+    checks.check_writable(run_dir, "hydra.run.dir")
+    if resumed is not None:
+        checks.check_resumable(cfg, resumed)
+    else:
+        checks.check_new_run_dir(run_dir)
+    OmegaConf.set_readonly(cfg, True)
+    return RunPlan(cfg, device, run_dir, resumed, in_place, overrides)
+
+
+# The plan the start-up callback made for this process's run, waiting for train.py to take it.
+_pending: Optional[RunPlan] = None
+
+
+def hand_over(plan: RunPlan) -> None:
+    global _pending
+    _pending = plan
+
+
+def take(cfg: DictConfig, output_dir, overrides: Sequence[str] = ()) -> RunPlan:
+    """The callback's plan for this run (the one for `output_dir`) if there is one, else a plan made now (tests,
+    sweep jobs)."""
+    global _pending
+    plan, _pending = _pending, None
+    if plan is not None and plan.run_dir.resolve() == Path(output_dir).resolve():
+        return plan
+    return make_plan(cfg, output_dir, overrides)
