@@ -12,7 +12,6 @@ import torch
 
 from conftest import run_train, tiny_overrides
 from vae import sweep_plan
-from vae.checks import ValidateOnStart
 from vae.errors import UserError
 
 
@@ -48,10 +47,15 @@ def hydra_context():
 
 @pytest.fixture
 def start(hydra_context, tiny_data, tmp_path):
-    """Run the sweep's start-up callback as Hydra does; returns the sweep directory."""
+    """Start a sweep as Hydra does, up to its first job: every configured callback's on_multirun_start, in order.
+    Returns the sweep directory."""
+    from hydra.utils import instantiate
+
     def start_sweep(*overrides: str, sweep_dir: Path = None) -> Path:
         sweep_dir = sweep_dir or tmp_path / "sweep"
-        ValidateOnStart().on_multirun_start(multirun_config(sweep_dir, *overrides, data_root=tiny_data))
+        config = multirun_config(sweep_dir, *overrides, data_root=tiny_data)
+        for callback in config.hydra.callbacks.values():
+            instantiate(callback).on_multirun_start(config=config, config_name="config")
         return sweep_dir
     return start_sweep
 
@@ -177,6 +181,22 @@ def test_sweeps_started_in_the_same_second_get_directories_of_their_own(tmp_path
     assert sweep_plan.new_dir(str(first)) == f"{first}_3"
 
 
+def test_a_sweep_started_in_the_same_second_as_another_runs_in_a_directory_of_its_own(tiny_data, tmp_path):
+    """As the default `hydra.sweep.dir` does with <date>/<time>; every job (and the summary) follows the new name."""
+    other = tmp_path / "12-00-00"
+    (other / "0_hard=false" / ".hydra").mkdir(parents=True)  # the other sweep, running
+    (other / "0_hard=false" / ".hydra" / "overrides.yaml").write_text("- hard=false\n")
+    args = [a for a in tiny_overrides(tiny_data, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
+    proc = run_train(["-m", *args, "debug=tiny", "latent_dim=4", "hydra.sweep.dir=${new_dir:%s}" % other,
+                      "hard=true"])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    mine = tmp_path / "12-00-00_2"
+    with (mine / "summary.csv").open(newline="") as f:
+        (row,) = csv.DictReader(f)
+    assert row["status"] == "done" and (mine / row["dir"] / "checkpoints" / "last.pt").is_file()
+    assert sorted(p.name for p in other.iterdir()) == ["0_hard=false"]
+
+
 def test_the_default_sweep_directory_is_a_new_one(hydra_context, tiny_data, tmp_path):
     from omegaconf import OmegaConf
 
@@ -220,4 +240,5 @@ def test_a_claimed_directory_is_locked_until_the_sweep_ends(tmp_path):
     assert created == [sweep_dir]
     with pytest.raises(UserError, match="is in use by another sweep"):
         sweep_plan.claim_sweep_dir(sweep_dir)  # a second open file: as another process would see it
-    os.close(sweep_plan._held_locks.pop())
+    sweep_plan.release(sweep_dir, created)
+    assert not sweep_dir.exists()

@@ -7,7 +7,6 @@ and start the run anyway.
 """
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -16,7 +15,6 @@ from typing import Any, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae import sweep_plan  # noqa: F401  registers ${new_dir:} (hydra.sweep.dir) before Hydra resolves it
 from vae.config import validate_ranges
 from vae.errors import UserError, describe, exit_with
 
@@ -161,17 +159,11 @@ class ValidateOnStart(Callback):
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
         self._validate(config, config.hydra.run.dir, new_run=True)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # The swept values are not in `config` (Hydra composed it without them): vae.sweep_plan composes and checks
-        # every job, and claims the sweep directory. Each job checks its own values again when it starts (train.py).
-        from vae.sweep_plan import check_sweep, warn_impossible
+    # No on_multirun_start: a sweep's config lacks the swept values; vae.sweep_plan.CheckSweep checks every job.
 
-        with self._one_line():
-            warn_impossible(check_sweep(config))
-
-    @classmethod
-    def _validate(cls, config: DictConfig, output_dir: str, new_run: bool = False) -> None:
-        with cls._one_line():
+    @staticmethod
+    def _validate(config: DictConfig, output_dir: str, new_run: bool = False) -> None:
+        try:
             task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
             validate_ranges(task_cfg)
             check_threads(task_cfg.threads)
@@ -184,13 +176,6 @@ class ValidateOnStart(Callback):
             validate(task_cfg, output_dir, list(config.hydra.overrides.task))
             if new_run:
                 check_new_run_dir(Path(output_dir), task_cfg.resume)
-
-    @staticmethod
-    @contextlib.contextmanager
-    def _one_line():
-        """Whatever goes wrong inside ends the command with one line (Hydra would only warn and go on)."""
-        try:
-            yield
         except UserError as e:
             exit_with(e)
         except Exception as e:

@@ -2,22 +2,21 @@
 
 Hydra composes a sweep's config without the swept values: the defaults stand in for them. Checking that config
 would refuse valid sweeps (`estimator=rloo,gumbel_rao estimator_samples=4`: the default estimator takes one sample)
-and pass invalid ones. So `check_sweep`, called by the start-up callback (vae.checks.ValidateOnStart), checks the
-jobs themselves:
+and pass invalid ones. So `check_sweep` (run by the `CheckSweep` callback, configs/config.yaml) checks the jobs:
 
 - Hydra's basic sweeper: the combinations are counted first (more than MAX_JOBS are refused before any is built),
-  then expanded as the sweeper expands them, and each job's config is composed as the launcher will compose it and
-  checked like a single run's. A sweep of which no combination can run is refused with one line. Otherwise the
-  combinations that cannot run are named in a warning before the first job starts; each of them fails at its own
-  start with its one-line error, and the other jobs run (docs/sweeps.md).
+  then expanded as the sweeper expands them; each job's config is composed as the launcher will compose it and
+  checked like a single run's. A sweep of which no job can run is refused with one line. Otherwise the jobs that
+  cannot run are named in a warning before the first job starts; each fails at its own start with its one-line
+  error, and the others run (docs/sweeps.md).
 - A sweeper that picks values as it goes (Optuna): its search space must be one it can build, and the fixed
   settings must run with some value of each searched key; each trial's own values are checked when it starts.
 - Launcher and sweeper settings that the plugins would turn into tracebacks (joblib's n_jobs=0, an Optuna range
   whose low end is above its high end) are refused with one line.
 
-It also claims the sweep directory: `${new_dir:...}` in configs/config.yaml gives each sweep its own (two sweeps
-started in the same second would otherwise share `outputs/multirun/<date>/<time>`), and a lock on `<sweep dir>/.lock`
-keeps a second sweep out of one that is running, as single runs' locks do (vae/rundir.py).
+It also claims the sweep directory: `${new_dir:...}` gives each sweep its own (two sweeps started in the same
+second would otherwise share `outputs/multirun/<date>/<time>`), and a lock on `<sweep dir>/.lock` keeps a second
+sweep out of one that is running, as single runs' locks do (vae/rundir.py).
 """
 from __future__ import annotations
 
@@ -27,13 +26,15 @@ import itertools
 import logging
 import math
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
+from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae.errors import UserError, describe
+from vae.errors import UserError, describe, exit_with
 
 log = logging.getLogger(__name__)
 
@@ -79,7 +80,7 @@ def holds_sweep(sweep_dir: Path) -> Optional[str]:
     return f"the job {job.parent.parent.name}" if job is not None else None
 
 
-_held_locks = []  # the open lock files: the kernel drops the locks when this process ends, however it ends
+_held_locks: Dict[Path, int] = {}  # the kernel drops these locks when this process ends, however it ends
 
 
 def claim_sweep_dir(sweep_dir: Path) -> List[Path]:
@@ -106,7 +107,7 @@ def claim_sweep_dir(sweep_dir: Path) -> List[Path]:
         os.close(fd)
         raise UserError(f"hydra.sweep.dir={str(sweep_dir)!r} is in use by another sweep (pid {other}); choose another "
                         "hydra.sweep.dir, or leave it out (each sweep then gets its own)") from None
-    _held_locks.append(fd)
+    _held_locks[sweep_dir] = fd
     with contextlib.suppress(OSError):  # the pid is for the message above only; the lock is the flock
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
@@ -122,6 +123,7 @@ def release(sweep_dir: Path, created: List[Path]) -> None:
     """After a refusal: remove the lock file, and the directories `claim_sweep_dir` created if they are empty."""
     with contextlib.suppress(OSError):
         os.unlink(Path(sweep_dir) / LOCK_NAME)
+        os.close(_held_locks.pop(Path(sweep_dir)))
     for path in created:  # deepest first
         try:
             path.rmdir()
@@ -203,8 +205,8 @@ def task_config(job_cfg: DictConfig) -> DictConfig:
 
 
 def compose_job(config: DictConfig, job: List[str], loader) -> DictConfig:
-    """The config a launcher composes for the job with overrides `job`."""
-    return loader.load_sweep_config(config, list(job))
+    """The job's own settings, composed as the launcher will compose them (hydra's ConfigLoader.load_sweep_config)."""
+    return task_config(loader.load_sweep_config(config, list(job)))
 
 
 def check_job(task_cfg: DictConfig, job: List[str], checked_resumes: set) -> Optional[str]:
@@ -247,7 +249,7 @@ def check_combinations(config: DictConfig, overrides: list, loader) -> List[Tupl
     checked_resumes: set = set()
     for i, job in enumerate(jobs):
         try:
-            task_cfg = task_config(compose_job(config, job, loader))
+            task_cfg = compose_job(config, job, loader)
         except Exception as e:
             raise UserError(f"the combination {describe_job(job, swept)} cannot be composed: {one_line(e)}") from None
         if i == 0:
@@ -276,10 +278,7 @@ def candidates(override) -> List[str]:
     if override.is_interval_sweep():
         value = override.value()
         lo, hi = value.start, value.end
-        if "log" in value.tags and lo > 0 and hi > 0:
-            mid = math.sqrt(lo * hi)
-        else:
-            mid = (lo + hi) / 2
+        mid = math.sqrt(lo * hi) if "log" in value.tags and lo > 0 and hi > 0 else (lo + hi) / 2
         if isinstance(lo, int) and isinstance(hi, int):
             mid = int(mid)
         return [str(v) for v in (lo, mid, hi)]
@@ -303,7 +302,7 @@ def check_search(config: DictConfig, overrides: list, loader) -> None:
     tried: List[Tuple[str, str]] = []
     for job in search_samples(list(values.values())):
         try:
-            task_cfg = task_config(compose_job(config, job, loader))
+            task_cfg = compose_job(config, job, loader)
         except Exception as e:
             raise UserError(f"the values {describe_job(job, swept)} cannot be composed: {one_line(e)}") from None
         job_error = check_job(task_cfg, job, set())
@@ -401,3 +400,19 @@ def warn_impossible(bad: List[Tuple[str, str]]) -> None:
         log.warning("%d combination%s of this sweep cannot run and will fail at %s start (the others run): %s",
                     len(bad), "s" if len(bad) > 1 else "", "their" if len(bad) > 1 else "its", name_all(bad))
 
+
+class CheckSweep(Callback):
+    """Hydra callback: `check_sweep` when a sweep starts, before its first job. A refusal ends the command with one
+    line and a non-zero status, whatever went wrong (Hydra would only warn about an exception here and go on)."""
+
+    def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
+        try:
+            warn_impossible(check_sweep(config))
+        except UserError as e:
+            exit_with(e)
+        except Exception as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: the sweep could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
+                  "traceback)", file=sys.stderr, flush=True)
+            sys.exit(1)
