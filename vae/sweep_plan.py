@@ -186,7 +186,7 @@ def check_size(overrides: list, limit: int = MAX_JOBS) -> int:
     if total > limit:
         sizes = " x ".join(f"{n if n <= limit else f'over {limit:,}'} {k}" for k, n in counts.items() if n > 1)
         raise UserError(f"this sweep would run {'over ' if max(counts.values()) > limit else ''}{total:,} jobs "
-                        f"({sizes}); at most {limit:,} are allowed: sweep fewer values, or split it into several sweeps")
+                        f"({sizes}); at most {limit:,} are allowed: sweep fewer values, or split it into sweeps")
     return total
 
 
