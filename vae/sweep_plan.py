@@ -39,7 +39,7 @@ from vae.errors import UserError, describe, exit_with
 log = logging.getLogger(__name__)
 
 MAX_JOBS = 10_000  # combinations a basic sweep may have: each is composed and checked here (about 0.1 s each)
-MAX_SEARCH_TRIES = 20  # value combinations tried to show that a search's fixed settings can run at all
+MAX_SEARCH_TRIES = 12  # value combinations tried to show that a search's fixed settings can run at all
 NAMED_IN_MESSAGES = 5  # impossible combinations named one by one; the rest are counted
 BASIC_SWEEPER = "hydra._internal.core_plugins.basic_sweeper.BasicSweeper"
 LOCK_NAME = ".lock"
