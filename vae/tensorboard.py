@@ -21,9 +21,9 @@ from vae.atomic import WriteFailed, is_write_failure, write_failed
 # run names (hydra.job.config.override_dirname.exclude_keys in configs/config.yaml; tests/test_tensorboard.py checks
 # that the two lists agree).
 NOT_HPARAMS = ("device", "compile", "cuda_graph", "compile_min_steps", "tf32", "flush_denormal", "threads",
-               "log_interval", "recon_images", "prior_samples", "resume", "data.root", "data.download",
-               "data.sources", "data.system_path", "data.verify", "data.title", "eval.iw_chunk",
-               "eval.batch_size", "eval.traversal_rows")
+               "log_interval", "snr_interval", "snr_samples", "recon_images", "prior_samples", "resume",
+               "data.root", "data.download", "data.sources", "data.system_path", "data.verify", "data.title",
+               "eval.iw_chunk", "eval.batch_size", "eval.traversal_rows")
 # The columns the HParams tab shows before any is ticked: it shows five, those marked as differing between runs
 # first, then by name. (Each run writes the list of columns; TensorBoard takes one run's list for all.)
 SHOWN_HPARAMS = ("estimator", "estimator_samples", "lr", "seed", "temperature")
