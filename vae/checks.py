@@ -188,20 +188,4 @@ class ValidateOnStart(Callback):
                                                  f"{time.strftime('%Y-%m-%d_%H-%M-%S')}"
         hand_over(plan)
 
-    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
-        # Per-job values are only known inside each job; train.py validates those again.
-        self._validate(config, config.hydra.sweep.dir)
-
-    @staticmethod
-    def _validate(config: DictConfig, output_dir: str) -> None:
-        try:
-            task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
-            validate(task_cfg, output_dir, list(config.hydra.overrides.task))
-        except UserError as e:
-            exit_with(e)
-        except Exception as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"error: the settings could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
-                  "traceback)", file=sys.stderr, flush=True)
-            sys.exit(1)
+    # No on_multirun_start: a sweep's config lacks the swept values; vae.sweep_plan.CheckSweep checks every job.

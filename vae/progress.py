@@ -85,16 +85,19 @@ class ProgressBar:
         self.bar.update()
 
     def on_interval(self, trainer, means, grad_norm) -> None:
-        self.bar.set_postfix(loss=f"{means[0]:.2f}", tau=f"{trainer.state.tau:.3f}")
+        tau = {"tau": f"{trainer.state.tau:.3f}"} if trainer.estimator.uses_tau else {}
+        self.bar.set_postfix(loss=f"{means[0]:.2f}", **tau)
 
     def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
         self.close()
         s = trainer.state
         images = (trainer.steps_per_epoch - self.first_step) * trainer.cfg.batch_size
         val = f" | val loss {test['val']['loss']:.2f}" if "val" in test else ""
-        log.info("epoch %d/%d | train loss %.2f%s | test loss %.2f | test -elbo (discrete) %.2f | tau %.4f | "
-                 "%.2f s, %.0f images/s", s.epoch, trainer.cfg.epochs, test["train_loss"], val, test["loss"],
-                 test["elbo_discrete"], s.tau, seconds, images / seconds)
+        # The temperature only for the estimators it acts on (st, sf, rloo, muprop and exact use none).
+        tau = f" | tau {s.tau:.4f}" if trainer.estimator.uses_tau else ""
+        log.info("epoch %d/%d | train loss %.2f%s | test loss %.2f | test -elbo (discrete) %.2f%s | %.2f s, "
+                 "%.0f images/s", s.epoch, trainer.cfg.epochs, test["train_loss"], val, test["loss"],
+                 test["elbo_discrete"], tau, seconds, images / seconds)
 
     def close(self) -> None:
         if self.bar is not None:

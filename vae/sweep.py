@@ -1,7 +1,15 @@
-"""One table for a whole sweep: each job's overrides next to its final test loss and discrete ELBO.
+"""One table for a whole sweep: each job's overrides next to its final test metrics, best first, and the mean ± std over
+seeds of each setting that was run with several seeds.
+
+Jobs are ranked by a number comparable across estimators: the importance-weighted bound (`test_iw_bound`) when every
+finished job has one, else the discrete negative ELBO (`test_elbo_discrete`). Never by `test_loss`: for `gumbel` it
+is the relaxed loss, which depends on the temperature and is not comparable with the other estimators'
+(docs/evaluation.md). Jobs that differ only in `seed` form a group, reported as mean ± sample standard deviation
+(n = its finished jobs), in `summary.md` and `summary_groups.csv`.
 
 `python train.py -m ...` ends with Hydra calling `SweepSummary.on_multirun_end` (registered in configs/config.yaml),
-which prints the table and writes `summary.csv` and `summary.md` into the sweep directory. It reads the
+which prints the tables and writes `summary.csv` (one row per job), `summary_groups.csv` (one row per group of
+seeds, when there are any) and `summary.md` into the sweep directory. It reads the
 `metrics.json` that every job writes into its own directory rather than the jobs' return values, so it works the
 same for every launcher (basic, joblib, submitit) and sweeper (Optuna), and for jobs that ran on other machines.
 
@@ -15,6 +23,7 @@ still queued on a cluster) are listed as `missing`. For such a sweep, summarise 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -30,11 +39,18 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from vae.atomic import atomic_write_text
+from vae.stats import fmt_mean_std, mean_std
 
 log = logging.getLogger(__name__)
 
 METRICS = ("test_loss", "test_elbo_discrete", "test_iw_bound")  # test_iw_bound only when eval.iw_samples > 0
 RUN_FACTS = ("epochs", "step", "tau")
+# What ranks jobs, in order of preference: the first that every finished job has (see the module docstring).
+RANK_METRICS = ("test_iw_bound", "test_elbo_discrete")
+DESCRIBED = {"test_iw_bound": "the importance-weighted bound on -log p(x)",
+             "test_elbo_discrete": "the discrete negative ELBO"}
+SEED = "seed"
+GROUPS_CSV = "summary_groups.csv"
 
 
 @dataclass
@@ -57,8 +73,16 @@ class Job:
 
     @property
     def loss(self) -> float:
-        value = (self.metrics or {}).get("test_loss")
-        return value if isinstance(value, (int, float)) and math.isfinite(value) else math.inf
+        return self.value("test_loss")
+
+    def value(self, metric: str) -> float:
+        """The metric, or inf when the job has no finite value of it (failed, missing, diverged)."""
+        value = (self.metrics or {}).get(metric)
+        return float(value) if _finite(value) else math.inf
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _split(override: str) -> tuple:
@@ -125,9 +149,57 @@ def common_overrides(jobs: List[Job]) -> List[str]:
     return [o for o in (jobs[0].overrides if jobs else []) if _split(o)[0] not in vary]
 
 
-def ranked(jobs: List[Job]) -> List[Job]:
-    """Best (lowest test loss) first; failed or diverged jobs last, in job order."""
-    return sorted(jobs, key=lambda j: (j.loss, j.num if j.num is not None else math.inf, str(j.dir)))
+def rank_metric(jobs: List[Job]) -> str:
+    """test_iw_bound if every finished job has one, else test_elbo_discrete."""
+    done = [j for j in jobs if j.status == "done"]
+    for metric in RANK_METRICS[:-1]:
+        if done and all(metric in j.metrics for j in done):
+            return metric
+    return RANK_METRICS[-1]
+
+
+def ranked(jobs: List[Job], metric: Optional[str] = None) -> List[Job]:
+    """Best (lowest `metric`, by default rank_metric's) first; failed or diverged jobs last, in job order."""
+    metric = metric or rank_metric(jobs)
+    return sorted(jobs, key=lambda j: (j.value(metric), j.num if j.num is not None else math.inf, str(j.dir)))
+
+
+@dataclass
+class Group:
+    """The jobs of a sweep that differ only in `seed`."""
+
+    params: Dict[str, Optional[str]]  # the other varying keys' values
+    jobs: List[Job]
+
+    def values(self, metric: str) -> List[float]:
+        return [j.value(metric) for j in self.jobs if j.status == "done" and math.isfinite(j.value(metric))]
+
+    def mean(self, metric: str) -> float:
+        values = self.values(metric)
+        return mean_std(values)[0] if values else math.inf
+
+    @property
+    def seeds(self) -> List[str]:
+        return [str(j.params.get(SEED)) for j in self.jobs]
+
+
+def seed_groups(jobs: List[Job]) -> List[Group]:
+    """The jobs grouped by every varying key but `seed`; empty unless `seed` varies and some group has several."""
+    vary = varying_keys(jobs)
+    if SEED not in vary:
+        return []
+    others = [k for k in vary if k != SEED]
+    groups: Dict[tuple, Group] = {}
+    for job in jobs:
+        key = tuple(job.params.get(k) for k in others)
+        groups.setdefault(key, Group(dict(zip(others, key)), [])).jobs.append(job)
+    if all(len(g.jobs) == 1 for g in groups.values()):
+        return []  # the seed changed with the other settings (e.g. an Optuna search over it): nothing to average
+    return list(groups.values())
+
+
+def ranked_groups(groups: List[Group], metric: str) -> List[Group]:
+    return sorted(groups, key=lambda g: g.mean(metric))
 
 
 def _fmt(value: Any) -> str:
@@ -173,13 +245,9 @@ def write_csv(jobs: List[Job], path: Path, sweep_dir: Path) -> None:
     atomic_write_text(path, text.getvalue())
 
 
-def table(jobs: List[Job]) -> str:
-    """A Markdown table (readable as plain text too), best job first."""
-    columns = _columns(jobs)
-    params = set(varying_keys(jobs))
-    rows = [[(_fmt_param if c in params else _fmt)(_row(j, columns)[c]) for c in columns] for j in ranked(jobs)]
+def markdown(columns: List[str], rows: List[List[str]], numeric: List[bool]) -> str:
+    """A Markdown table that reads as plain text too: columns padded, numbers right-aligned."""
     widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
-    numeric = [c in METRICS or c in RUN_FACTS or c == "job" for c in columns]
 
     def line(cells):
         return "| " + " | ".join(s.rjust(w) if n else s.ljust(w) for s, w, n in zip(cells, widths, numeric)) + " |"
@@ -188,34 +256,101 @@ def table(jobs: List[Job]) -> str:
     return "\n".join([line(columns), rule, *(line(r) for r in rows)])
 
 
+def table(jobs: List[Job], metric: Optional[str] = None) -> str:
+    """One row per job, best first."""
+    columns = _columns(jobs)
+    params = set(varying_keys(jobs))
+    rows = [[(_fmt_param if c in params else _fmt)(_row(j, columns)[c]) for c in columns]
+            for j in ranked(jobs, metric)]
+    return markdown(columns, rows, [c in METRICS or c in RUN_FACTS or c == "job" for c in columns])
+
+
+def _group_metrics(jobs: List[Job], metric: str) -> List[str]:
+    """The ranking metric first, then the other metrics some job has."""
+    present = [m for m in METRICS if any(m in (j.metrics or {}) for j in jobs)]
+    return [metric, *(m for m in present if m != metric)]
+
+
+def group_table(groups: List[Group], jobs: List[Job], metric: str) -> str:
+    """One row per group of seeds, best mean first: mean ± std (n) of each metric."""
+    keys = list(groups[0].params)
+    metrics = _group_metrics(jobs, metric)
+    columns = [*keys, "jobs", *metrics, SEED + "s"]
+    rows = [[*(_fmt_param(g.params[k]) for k in keys), str(len(g.jobs)),
+             *(fmt_mean_std(g.values(m)) if g.values(m) else "" for m in metrics), ",".join(g.seeds)]
+            for g in ranked_groups(groups, metric)]
+    return markdown(columns, rows, [False] * len(keys) + [True] * (1 + len(metrics)) + [False])
+
+
+def write_groups_csv(groups: List[Group], jobs: List[Job], path: Path) -> None:
+    metrics = _group_metrics(jobs, rank_metric(jobs))
+    keys = list(groups[0].params)
+    text = io.StringIO(newline="")
+    writer = csv.writer(text)
+    writer.writerow([*keys, "jobs", *(f"{m}_{s}" for m in metrics for s in ("mean", "std", "n")), "seeds"])
+    for g in ranked_groups(groups, metrics[0]):
+        stats = []
+        for m in metrics:
+            values = g.values(m)
+            stats += [*mean_std(values), len(values)] if values else ["", "", 0]
+        writer.writerow([*("" if g.params[k] is None else g.params[k] for k in keys), len(g.jobs), *stats,
+                         " ".join(g.seeds)])
+    atomic_write_text(path, text.getvalue())
+
+
+def _settings(params: Dict[str, Optional[str]], keys: List[str]) -> str:
+    return " ".join(f"{k}={_fmt_param(params.get(k))}" for k in keys) or "no overrides"
+
+
 def summarize(sweep_dir, echo: bool = True) -> List[Job]:
-    """Write `summary.csv` and `summary.md` into `sweep_dir`; print the table when `echo`. Returns the jobs."""
+    """Write `summary.csv`, `summary.md` (and `summary_groups.csv` when seeds can be grouped) into `sweep_dir`;
+    print the tables when `echo`. Returns the jobs."""
     sweep_dir = Path(sweep_dir)
     jobs = find_jobs(sweep_dir)
     if not jobs:
         return jobs
-    best = ranked(jobs)[0]
-    lines = [f"# Sweep {sweep_dir}", "", table(jobs), ""]
+    metric = rank_metric(jobs)
+    vary = varying_keys(jobs)
+    groups = seed_groups(jobs)
+    lines = [f"# Sweep {sweep_dir}", "",
+             f"Best first by {metric} ({DESCRIBED[metric]}, nats/image), which compares across estimators "
+             "(test_loss does not: for gumbel it is the relaxed loss).", ""]
+    if groups:
+        lines += ["## Over seeds", "", "Mean ± sample standard deviation over the seeds (n = finished jobs).", "",
+                  group_table(groups, jobs, metric), ""]
+        best_group = ranked_groups(groups, metric)[0]
+        if math.isfinite(best_group.mean(metric)):
+            lines += [f"Best over seeds: `{_settings(best_group.params, list(best_group.params))}`, {metric} "
+                      f"{fmt_mean_std(best_group.values(metric))}", ""]
+        lines += ["## Jobs", ""]
+    lines += [table(jobs, metric), ""]
     common = common_overrides(jobs)
     if common:
         lines.append(f"Same in every job: `{' '.join(common)}`")
     done = [j for j in jobs if j.metrics is not None]
-    if best.metrics is not None and math.isfinite(best.loss):
-        settings = " ".join(f"{k}={_fmt_param(best.params.get(k))}" for k in varying_keys(jobs)) or "no overrides"
-        lines.append(f"Best: job {best.num} (`{settings}`), test loss {best.loss:.3f} nats/image, "
-                     f"in {best.dir.relative_to(sweep_dir)}")
-    for job in (j for j in ranked(jobs) if j.status == "failed"):
-        settings = " ".join(f"{k}={job.params.get(k)}" for k in varying_keys(jobs)) or "no overrides"
-        lines.append(f"Job {job.num} (`{settings}`) failed: {job.error}")
+    best = ranked(jobs, metric)[0]
+    if best.status == "done" and math.isfinite(best.value(metric)):
+        lines.append(f"Best: job {best.num} (`{_settings(best.params, vary)}`), {metric} {best.value(metric):.3f} "
+                     f"nats/image, in {best.dir.relative_to(sweep_dir)}")
+    for job in (j for j in ranked(jobs, metric) if j.status == "failed"):
+        lines.append(f"Job {job.num} (`{' '.join(f'{k}={job.params.get(k)}' for k in vary) or 'no overrides'}`) "
+                     f"failed: {job.error}")
     if len(done) < len(jobs):
         lines.append(f"{len(jobs) - len(done)} of {len(jobs)} jobs have no metrics.json (killed or not "
                      f"finished yet): run `python -m vae.sweep {sweep_dir}` again once they are done.")
     lines.append(f"Compare the runs: tensorboard --logdir {sweep_dir}")
     text = "\n".join(lines) + "\n"
     write_csv(jobs, sweep_dir / "summary.csv", sweep_dir)
+    written = "summary.md"
+    if groups:
+        write_groups_csv(groups, jobs, sweep_dir / GROUPS_CSV)
+        written = f"{GROUPS_CSV} and {written}"
+    else:
+        with contextlib.suppress(FileNotFoundError):  # a summary of an earlier state of this sweep
+            (sweep_dir / GROUPS_CSV).unlink()
     atomic_write_text(sweep_dir / "summary.md", text)
     if echo:
-        print("\n" + text + f"Written: {sweep_dir / 'summary.csv'} and summary.md", flush=True)
+        print("\n" + text + f"Written: {sweep_dir / 'summary.csv'}, {written}", flush=True)
     return jobs
 
 

@@ -15,9 +15,18 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae.atomic import WriteFailed, is_write_failure, write_failed
 
-# The settings shown as columns in TensorBoard's HParams tab: those that change what is learned.
-HPARAM_KEYS = ("latent_dim", "categorical_dim", "prior", "hard", "estimator", "temperature", "temp_min",
-               "anneal_rate", "anneal_interval", "batch_size", "epochs", "lr", "seed", "data.name", "data.binarize")
+# Settings that cannot change what a run learns or measures: where the files are, how fast it runs (device, compile,
+# threads, the numerics' plumbing), how often it logs, its pictures. Every other setting of the config is a column of
+# the HParams tab, so that two runs that differ in anything else can be told apart there. The same keys stay out of
+# run names (hydra.job.config.override_dirname.exclude_keys in configs/config.yaml; tests/test_tensorboard.py checks
+# that the two lists agree).
+NOT_HPARAMS = ("device", "compile", "cuda_graph", "compile_min_steps", "tf32", "flush_denormal", "threads",
+               "log_interval", "snr_interval", "snr_samples", "recon_images", "prior_samples", "resume",
+               "data.root", "data.download", "data.sources", "data.system_path", "data.verify", "data.title",
+               "eval.iw_chunk", "eval.batch_size", "eval.traversal_rows")
+# The columns the HParams tab shows before any is ticked: it shows five, those marked as differing between runs
+# first, then by name. (Each run writes the list of columns; TensorBoard takes one run's list for all.)
+SHOWN_HPARAMS = ("estimator", "estimator_samples", "lr", "seed", "temperature")
 
 
 @contextlib.contextmanager
@@ -42,13 +51,48 @@ def _quiet_writer_thread(args) -> None:
         _quiet_writer_thread.previous(args)
 
 
+def hparam_values(cfg: DictConfig) -> dict:
+    """The HParams tab's values for a run: every setting but NOT_HPARAMS, by dotted name.
+
+    `estimator` is the one the run used (`hard=true` trains st_gumbel) and `estimator_samples` the number it drew
+    (null means the estimator's default), so that equal runs show equal values. Lists become text; a setting left
+    null is "null" (TensorBoard drops empty values, and with them the column).
+    """
+    from vae.config import estimator_name
+    from vae.estimators import default_samples
+
+    values = {}
+
+    def walk(node, prefix):
+        for key, value in node.items():
+            name = f"{prefix}{key}"
+            if name in NOT_HPARAMS:
+                continue
+            if isinstance(value, dict):
+                walk(value, name + ".")
+            else:
+                values[name] = value
+
+    walk(OmegaConf.to_container(cfg, resolve=True), "")
+    values["estimator"] = estimator_name(cfg)
+    if values.get("estimator_samples") is None:
+        values["estimator_samples"] = default_samples(values["estimator"])
+    return {k: "null" if v is None else str(v) if isinstance(v, (list, tuple)) else v for k, v in values.items()}
+
+
 def log_hparams(writer, cfg: DictConfig, metrics: dict) -> None:
     """Write the run's hyper-parameters into its own event file, so that TensorBoard's HParams tab pairs them with
     the run's scalars named in `metrics` (SummaryWriter.add_hparams would open a separate sub-run instead)."""
+    from tensorboard.plugins.hparams.plugin_data_pb2 import HParamsPluginData
     from torch.utils.tensorboard.summary import hparams
 
-    values = {k: OmegaConf.select(cfg, k) for k in HPARAM_KEYS}
-    exp, ssi, sei = hparams(values, metrics)
+    exp, ssi, sei = hparams(hparam_values(cfg), metrics)
+    # `differs` puts SHOWN_HPARAMS first among the columns shown before any is ticked (see SHOWN_HPARAMS).
+    plugin_data = exp.value[0].metadata.plugin_data
+    data = HParamsPluginData.FromString(plugin_data.content)
+    for info in data.experiment.hparam_infos:
+        info.differs = info.name in SHOWN_HPARAMS
+    plugin_data.content = data.SerializeToString()
     with write_failures(writer.log_dir):
         file_writer = writer._get_file_writer()
         for summary in (exp, ssi, sei):
