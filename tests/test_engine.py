@@ -20,7 +20,7 @@ def train_tiny(compile: bool, steps: int = 30, batch_size: int = 20):
     split = DeviceSplit(images, CPU)
     model = CategoricalVAE(6, 4)
     optimizer = make_optimizer(model, 3e-3, CPU, cuda_graph=False)
-    step = TrainStep(model, optimizer, split, batch_size=batch_size, estimator=make_estimator("gumbel", samples=None, baseline_decay=0.9, device="cpu"),
+    step = TrainStep(model, optimizer, split, batch_size=batch_size, estimator=make_estimator("gumbel", {}, "cpu"),
                      noise_generator=torch.Generator().manual_seed(2), binarize_generator=None, compile=compile)
     perm = torch.randperm(split.n, generator=torch.Generator().manual_seed(3))
     tau = torch.tensor(0.7)
