@@ -20,7 +20,7 @@ def train_tiny(compile: bool, steps: int = 30, batch_size: int = 20):
     split = DeviceSplit(images, CPU)
     model = CategoricalVAE(6, 4)
     optimizer = make_optimizer(model, 3e-3, CPU, cuda_graph=False)
-    step = TrainStep(model, optimizer, split, batch_size=batch_size, estimator=make_estimator("gumbel", samples=None, baseline_decay=0.9, device="cpu"),
+    step = TrainStep(model, optimizer, split, batch_size=batch_size, estimator=make_estimator("gumbel", {}, "cpu"),
                      noise_generator=torch.Generator().manual_seed(2), binarize_generator=None, compile=compile)
     perm = torch.randperm(split.n, generator=torch.Generator().manual_seed(3))
     tau = torch.tensor(0.7)
@@ -68,3 +68,11 @@ def test_set_lr_writes_a_tensor_learning_rate_in_place():
     optimizer.param_groups[0]["lr"] = torch.tensor(0.1, device="meta")
     set_lr_(optimizer, 0.2)
     assert optimizer.param_groups[0]["lr"] == 0.2
+
+
+def test_the_rng_streams_are_named_once():
+    """The checkpoint saves and checks the streams make_generators makes, by the one tuple of their names."""
+    from vae import checkpoint
+    from vae.engine import RNG_STREAMS, make_generators
+
+    assert tuple(make_generators(0, CPU)) == RNG_STREAMS and checkpoint.RNG_STREAMS is RNG_STREAMS

@@ -1,26 +1,45 @@
-"""The gradient estimators: each one's defining property, unbiasedness where it is claimed, settings, state, compile."""
+"""The gradient estimators: each one's defining property, unbiasedness where it is claimed, settings, state, compile;
+the registry, and a new estimator added by its class and one line."""
 import copy
 import itertools
+import math
+import re
 
 import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from omegaconf import OmegaConf
+
+from vae.config import Config, validate_ranges
 from vae.errors import UserError
-from vae.estimators import NAMES, check_settings, default_samples, make_estimator
+from vae.estimators import (ESTIMATORS, Estimator, check_settings, config_settings, default_samples, make_estimator,
+                            register)
 from vae.estimators import exact as exact_module
+from vae.estimators.base import sample_codes
 from vae.estimators.relaxed import conditional_gumbel
-from vae.gumbel import gumbel_softmax, sample_gumbel
+from vae.gumbel import gumbel_softmax, sample_gumbel, straight_through
 from vae.loss import bce_per_image, kl_categorical, negative_elbo
 from vae.model import CategoricalVAE
 
 torch.set_num_threads(1)
+NAMES = list(ESTIMATORS)  # the built-in ones: a test that registers another removes it again
 ONE_HOT = [n for n in NAMES if n != "gumbel"]
 
 
-def estimator(name, samples=None, decay=0.9):
-    return make_estimator(name, samples=samples, baseline_decay=decay, device="cpu")
+def settings(name, samples=None, decay=0.9):
+    """What the config's `estimator_samples` and `baseline_decay` give estimator `name`."""
+    return config_settings(name, {"estimator_samples": samples, "baseline_decay": decay})
+
+
+def estimator(name, samples=None, decay=0.9, device="cpu"):
+    return make_estimator(name, settings(name, samples, decay), device)
+
+
+def check(name, samples, latent_dim, categorical_dim, decay):
+    """The config check of the estimator's settings, as vae.config runs it."""
+    return check_settings(name, settings(name, samples, decay), latent_dim, categorical_dim)
 
 
 def noise_for(est, batch, n, k, seed=0):
@@ -139,7 +158,7 @@ def test_one_hot_estimators_decode_exact_samples_and_log_the_discrete_elbo(name,
     torch.testing.assert_close(kl, kl_categorical(base, model.prior).mean())
 
 
-def decoder_gradient_and_logits_gradient(name, tau, tiny):
+def decoder_gradient_and_logits_gradient(name, tau, tiny, est=None):
     """(d loss/d z at the sampled code, d surrogate/d logits minus the KL's part, z, logits), one image."""
     base, x, decoder = tiny
     logits = base[:1].clone().requires_grad_()
@@ -147,7 +166,7 @@ def decoder_gradient_and_logits_gradient(name, tau, tiny):
     seen_grad = []
     decode = model.decode
     model.decode = lambda z: (z.register_hook(seen_grad.append), decode(z))[1]
-    est = estimator(name)
+    est = est or estimator(name)
     surrogate, *_ = est.batch_loss(model, x[:1], noise_for(est, 1, 2, 3, seed=2), torch.tensor(tau))
     surrogate.backward()
     (kl_grad,) = torch.autograd.grad(kl_categorical(logits, model.prior).mean(), logits)
@@ -278,12 +297,12 @@ def test_exact_is_the_sum_over_all_codes(tiny, monkeypatch):
 
 
 def test_exact_refuses_more_than_65536_codes():
-    check_settings("exact", None, 16, 2, 0.9)   # 2^16 codes: allowed
-    check_settings("exact", 1, 8, 4, 0.9)       # 4^8 = 2^16
+    check("exact", None, 16, 2, 0.9)   # 2^16 codes: allowed
+    check("exact", 1, 8, 4, 0.9)       # 4^8 = 2^16
     with pytest.raises(UserError, match=r"estimator=exact enumerates K\^N = 10\^30 = 1e\+30 codes.*K\^N <= 65536"):
-        check_settings("exact", 1, 30, 10, 0.9)
+        check("exact", 1, 30, 10, 0.9)
     with pytest.raises(UserError, match=r"K\^N = 2\^17 = 131072"):
-        check_settings("exact", 1, 17, 2, 0.9)
+        check("exact", 1, 17, 2, 0.9)
 
 
 # --- settings -------------------------------------------------------------------------------------------------------
@@ -297,19 +316,20 @@ def test_exact_refuses_more_than_65536_codes():
     (("sf", 1, 4, 4, 1.0), r"baseline_decay=1.0 is not allowed: must be a number in \[0, 1\)"),
     (("sf", 1, 4, 4, -0.1), r"baseline_decay=-0.1"),
     (("sf", 1, 4, 4, float("nan")), r"baseline_decay=nan"),
+    (("gumbel", None, 4, 4, 1.5), r"baseline_decay=1.5 is not allowed"),  # a key the estimator does not use, too
 ])
 def test_check_settings_errors_are_one_line(args, message):
     with pytest.raises(UserError, match=message) as info:
-        check_settings(*args)
+        check(*args)
     assert "\n" not in str(info.value)
 
 
 def test_defaults_and_accepted_settings():
     assert {n: default_samples(n) for n in NAMES} == {**{n: 1 for n in NAMES}, "rloo": 2, "gumbel_rao": 10}
     for name in NAMES:
-        check_settings(name, None, 4, 4, 0.0)
-        check_settings(name, default_samples(name), 4, 4, 0.99)
-    check_settings("rloo", 8, 30, 10, 0.5)
+        check(name, None, 4, 4, 0.0)
+        check(name, default_samples(name), 4, 4, 0.99)
+    check("rloo", 8, 30, 10, 0.5)
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -317,6 +337,133 @@ def test_noise_shapes(name):
     est = estimator(name, samples=3 if name in ("rloo", "gumbel_rao") else None)
     want = {"exact": (0,), "rloo": (3, 5, 4, 6), "gumbel_rao": (3, 5, 4, 6)}.get(name, (5, 4, 6))
     assert est.noise_shape(5, 4, 6) == want
+
+
+def config_with(**values):
+    """The schema's defaults with `values` set: what validate_ranges sees for a composed config."""
+    cfg = OmegaConf.structured(Config)
+    for key, value in values.items():
+        OmegaConf.update(cfg, key, value, merge=False)
+    return cfg
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("rloo", {"k": 3}, r"^estimator_args\.k=3 is not allowed with estimator=rloo: it takes estimator_samples "
+                       r"\(default 2\)$"),
+    ("sf", {"decay": 0.5}, r"^estimator_args\.decay=0\.5 is not allowed with estimator=sf: it takes baseline_decay "
+                           r"\(default 0\.9\)$"),
+    ("st", {"scale": 2}, r"^estimator_args\.scale=2 is not allowed with estimator=st: it takes no settings of its "
+                         r"own$"),
+    ("rloo", {"samples": 4}, r"^estimator_args\.samples=4 is not allowed: samples has a key of its own, set "
+                             r"estimator_samples=4 instead$"),
+])
+def test_estimator_args_refuses_what_the_estimator_does_not_take(name, args, message):
+    with pytest.raises(UserError, match=message):
+        validate_ranges(config_with(estimator=name, estimator_args=args, latent_dim=4, categorical_dim=4))
+
+
+def test_the_registry_is_the_one_list_of_names():
+    """The config's error message, the README's settings table and the registry name the same estimators."""
+    from conftest import REPO
+
+    with pytest.raises(UserError) as info:
+        validate_ranges(config_with(estimator="gumble"))
+    listed = re.search(r"one of (.*) \(set it", str(info.value)).group(1).split(", ")
+    assert listed == NAMES
+    row = next(line for line in (REPO / "README.md").read_text().splitlines() if line.startswith("| `estimator` |"))
+    assert [n for n in NAMES if f"`{n}`" not in row] == []
+
+
+def test_register_refuses_a_name_taken_or_empty():
+    class Nameless(Estimator):
+        pass
+
+    class Another(Estimator):
+        name = "gumbel"
+
+    for cls in (Nameless, Another):
+        with pytest.raises(ValueError, match="needs a name of its own"):
+            register(cls)
+    assert register(ESTIMATORS["st"]) is ESTIMATORS["st"] and list(ESTIMATORS) == NAMES  # the same class again
+
+
+# --- a new estimator: its class and one registry line ----------------------------------------------------------------
+
+@pytest.fixture
+def registry():
+    """Estimators registered in a test are gone after it (the README lists the shipped ones only)."""
+    before = dict(ESTIMATORS)
+    yield
+    ESTIMATORS.clear()
+    ESTIMATORS.update(before)
+
+
+class ScaledST(Estimator):
+    """Straight-through with a scaled backward pass: forward a one-hot sample z ~ q, backward `scale` times the
+    Jacobian of softmax(logits) (scale = 1 is st). Defined here, not in vae/estimators/: the test of the route."""
+
+    name = "scaled_st"
+    settings = {"scale": 1.0}
+    made = []  # the instances, to see what make_estimator passed
+
+    @classmethod
+    def check_settings(cls, settings, latent_dim, categorical_dim):
+        scale = settings["scale"]
+        if not (isinstance(scale, (int, float)) and math.isfinite(scale) and scale > 0):
+            raise UserError(f"estimator_args.scale={scale!r} is not allowed: must be a number > 0")
+
+    def __init__(self, **settings):
+        super().__init__(**settings)
+        ScaledST.made.append(self)
+
+    def batch_loss(self, model, x, noise, tau):
+        logits = model.encode(x)
+        z = straight_through(self.scale * F.softmax(logits, dim=-1), sample_codes(logits, noise))
+        loss, bce, kl = negative_elbo(model.decode(z), x, logits, model.log_prior())
+        return loss.mean(), loss.mean(), bce.mean(), kl.mean()
+
+
+def test_a_new_estimator_is_its_class_and_one_registry_line(registry, tiny, tiny_data, tmp_path):
+    from conftest import train_in_process
+
+    register(ScaledST)  # the registry line
+    # Its setting reaches its gradient: scale 2 doubles st's (the KL's part aside).
+    st = decoder_gradient_and_logits_gradient("st", 0.5, tiny)[1]
+    doubled = make_estimator("scaled_st", {"scale": 2}, "cpu")
+    scaled = decoder_gradient_and_logits_gradient("scaled_st", 0.5, tiny, doubled)[1]
+    torch.testing.assert_close(scaled, 2 * st)
+    # The config check asks the registry when it runs, refuses a bad value in one line and a misspelt name with
+    # the ones it takes ...
+    validate_ranges(config_with(estimator="scaled_st", estimator_args={"scale": 0.5}))
+    with pytest.raises(UserError, match=r"^estimator_args\.scale=-1 is not allowed: must be a number > 0$"):
+        validate_ranges(config_with(estimator="scaled_st", estimator_args={"scale": -1}))
+    with pytest.raises(UserError, match=r"^estimator_args\.scael=0\.5 is not allowed with estimator=scaled_st: it "
+                                        r"takes estimator_args\.scale \(default 1\.0\)$"):
+        validate_ranges(config_with(estimator="scaled_st", estimator_args={"scael": 0.5}))
+    # ... and train.py trains it, with the setting given on its command line.
+    metrics = train_in_process(tiny_data, tmp_path / "run", "estimator=scaled_st", "+estimator_args.scale=0.5")
+    assert ScaledST.made[-1].scale == 0.5 and math.isfinite(metrics["test_loss"])
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["config"]
+    assert saved["estimator"] == "scaled_st" and saved["estimator_args"] == {"scale": 0.5}
+
+
+def test_the_documented_example_is_an_unbiased_estimator(registry, tiny):
+    """docs/estimators.md's "Write your own estimator" example, as printed there: registered with one line, its
+    setting passed, and its gradient unbiased against the exact one."""
+    from conftest import REPO
+
+    docs = (REPO / "docs" / "estimators.md").read_text().split("## Write your own estimator")[1]
+    code = re.search(r"```python\n(.*?)```", docs, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "docs/estimators.md", "exec"), namespace)
+    register(namespace["Reinforce"])
+    base, x, decoder = tiny
+    want = exact_logits_gradient(base, x, decoder)
+    est = make_estimator("reinforce", {"baseline": 5.0}, "cpu")
+    assert est.baseline == 5.0
+    assert max_z_score(logits_gradient("reinforce", base, x, decoder, 30_000, seed=14, est=est), want) < 4.5
+    with pytest.raises(UserError, match=r"^estimator_args\.baseline=nan is not allowed"):
+        check_settings("reinforce", {"baseline": float("nan")}, 4, 4)
 
 
 # --- state ----------------------------------------------------------------------------------------------------------
@@ -414,7 +561,7 @@ def test_each_estimator_in_a_compiled_captured_train_step_matches_eager(name):
         torch.manual_seed(0)
         model = CategoricalVAE(4, 4).to(device)
         initial = {k: v.clone() for k, v in model.state_dict().items()}
-        est = make_estimator(name, samples=None, baseline_decay=0.9, device=device)
+        est = estimator(name, device=device)
         step = TrainStep(model, make_optimizer(model, 1e-3, device, fast, fast), split, batch_size=100,
                          estimator=est, noise_generator=torch.Generator(device=device).manual_seed(2),
                          binarize_generator=None, compile=fast, cuda_graph=fast)

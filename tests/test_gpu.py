@@ -50,7 +50,7 @@ def make_step(device, *, compile=False, cuda_graph=False, lr=1e-3, noise_seed=2)
     optimizer = make_optimizer(model, lr, device, cuda_graph, compile)
     gens = {"shuffle": torch.Generator(device=device).manual_seed(1),
             "noise": torch.Generator(device=device).manual_seed(noise_seed)}
-    step = TrainStep(model, optimizer, split, batch_size=BATCH, estimator=make_estimator("gumbel", samples=None, baseline_decay=0.9, device="cpu"),
+    step = TrainStep(model, optimizer, split, batch_size=BATCH, estimator=make_estimator("gumbel", {}, "cpu"),
                      noise_generator=gens["noise"],
                      binarize_generator=None, compile=compile, cuda_graph=cuda_graph)
     with torch.no_grad():
@@ -81,7 +81,7 @@ def final_loss(model: CategoricalVAE) -> float:
     split = DeviceSplit(IMAGES, "cpu")
     x = split.batch(torch.arange(split.n))
     noise = sample_gumbel((split.n, LATENT, CATS), generator=torch.Generator().manual_seed(123))
-    return make_estimator("gumbel", samples=None, baseline_decay=0.9, device="cpu").batch_loss(model, x, noise, torch.tensor(1.0))[1].item()
+    return make_estimator("gumbel", {}, "cpu").batch_loss(model, x, noise, torch.tensor(1.0))[1].item()
 
 
 @pytest.fixture(scope="module")

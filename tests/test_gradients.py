@@ -39,9 +39,9 @@ def test_compare_equals_the_statistics_of_explicit_parameter_gradients():
     torch.manual_seed(0)
     model, x = CategoricalVAE(2, 3), torch.rand(3, 784)
     params = list(model.encoder.parameters())
-    est = make_estimator("st_gumbel", samples=None, baseline_decay=0.9, device="cpu")
+    est = make_estimator("st_gumbel", {}, "cpu")
     deltas = logits_gradients(model, x, est, torch.tensor(0.7), torch.Generator().manual_seed(1), 5)
-    exact = logits_gradients(model, x, make_estimator("exact", samples=None, baseline_decay=0.9, device="cpu"),
+    exact = logits_gradients(model, x, make_estimator("exact", {}, "cpu"),
                              torch.tensor(1.0), None, 1)[0]
 
     def flat(delta):  # J^T delta by autograd
@@ -65,9 +65,9 @@ def test_reinmax_definition_is_the_authors_computation():
     |std| / |E[g]| and cos(E[g], g*)."""
     torch.manual_seed(0)
     model, x, tau, n = CategoricalVAE(2, 3), torch.rand(3, 784), torch.tensor(1.3), 50
-    est = make_estimator("st_gumbel", samples=None, baseline_decay=0.9, device="cpu")
+    est = make_estimator("st_gumbel", {}, "cpu")
     deltas = logits_gradients(model, x, est, tau, torch.Generator().manual_seed(1), n)
-    exact = logits_gradients(model, x, make_estimator("exact", samples=None, baseline_decay=0.9, device="cpu"),
+    exact = logits_gradients(model, x, make_estimator("exact", {}, "cpu"),
                              torch.tensor(1.0), None, 1)[0]
     got = reinmax(summarize([deltas], None), exact.double(), kl_logits_gradient(model, x).double())
 

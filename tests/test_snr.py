@@ -55,9 +55,9 @@ def test_the_snr_is_the_norm_of_the_mean_over_the_rms_spread():
     images = torch.rand(20, 784)
     cfg = SimpleNamespace(batch_size=5, estimator="st_gumbel")
     trainer = SimpleNamespace(cfg=cfg, model=model, device=torch.device("cpu"), state=SimpleNamespace(tau=0.7),
-                              estimator=make_estimator("st_gumbel", samples=None, baseline_decay=0.9, device="cpu"),
+                              estimator=make_estimator("st_gumbel", {}, "cpu"),
                               train_split=SimpleNamespace(batch=lambda idx, generator: images[idx]))
-    est = make_estimator("st_gumbel", samples=None, baseline_decay=0.9, device="cpu")
+    est = make_estimator("st_gumbel", {}, "cpu")
     got = encoder_snr(trainer, est, 6, torch.Generator().manual_seed(3))
 
     gen, params = torch.Generator().manual_seed(3), list(model.encoder.parameters())

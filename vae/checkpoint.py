@@ -16,6 +16,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae.atomic import atomic_write, remove_stray_temporaries, write_failed
 from vae.config import ARCHITECTURE_KEYS, DATA_KEYS, Config
+from vae.engine import RNG_STREAMS
 from vae.errors import UserError, describe
 
 FORMAT_NAME = "gumbel-vae"
@@ -27,7 +28,6 @@ REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "epoch_step", "step", 
 EXPORT_FORMAT = f"{FORMAT_NAME}-export/1"
 EXPORT_KEYS = ("format", "model", "epoch", "epoch_step", "step", "tau", "config")
 RESUME_KEYS = (*REQUIRED_KEYS, "test_loss", "best_test_loss", "epoch_sums", "interval_sums")  # what Trainer.load reads
-RNG_STREAMS = ("shuffle", "noise", "binarize", "eval")  # vae.engine.make_generators
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
 
 

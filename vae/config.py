@@ -10,7 +10,7 @@ import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
@@ -55,7 +55,6 @@ OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 BINARIZE = ("none", "dynamic", "static")
 PRIORS = ("uniform", "learned")
 SOURCES = ("local", "torchvision", "registry", "system", "synthetic")
-ESTIMATORS = ("gumbel", "st_gumbel", "st", "annealed_st", "sf", "rloo", "muprop", "gumbel_rao", "reinmax", "exact")
 
 
 @dataclass
@@ -132,6 +131,9 @@ class Config:
     estimator_samples: Optional[int] = None
     # Decay of the moving-average baseline of the score-function estimators.
     baseline_decay: float = 0.9
+    # The estimator's own settings that have no top-level key (e.g. +estimator_args.scale=2): each estimator class
+    # declares the ones it takes, with their defaults (vae/estimators/); any other is refused.
+    estimator_args: Dict[str, Any] = field(default_factory=dict)
     prior: str = "uniform"
     batch_size: int = 100
     epochs: int = 10
@@ -284,14 +286,13 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(finite(cfg.eval.active_kl) and cfg.eval.active_kl >= 0, "eval.active_kl", cfg.eval.active_kl,
           "must be a number >= 0 (nats)")
     check(cfg.eval.traversal_rows >= 1, "eval.traversal_rows", cfg.eval.traversal_rows, "must be an integer >= 1")
+    from vae.estimators import ESTIMATORS, check_settings, config_settings  # the registry; each one's own settings
+
     check(cfg.estimator in ESTIMATORS, "estimator", cfg.estimator, f"one of {', '.join(ESTIMATORS)}")
     check(not cfg.hard or cfg.estimator in ("gumbel", "st_gumbel"), "hard", cfg.hard,
           f"hard=true is the alias of estimator=st_gumbel and cannot be combined with estimator={cfg.estimator}; "
           "drop hard=true")
-    from vae.estimators import check_settings  # the estimator's own settings (samples, code-space size)
-
-    check_settings(estimator_name(cfg), cfg.estimator_samples, cfg.latent_dim, cfg.categorical_dim,
-                   cfg.baseline_decay)
+    check_settings(estimator_name(cfg), config_settings(estimator_name(cfg), cfg), cfg.latent_dim, cfg.categorical_dim)
 
 
 def estimator_name(cfg: DictConfig) -> str:

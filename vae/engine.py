@@ -71,11 +71,15 @@ def configure_device(device: torch.device, tf32: bool, threads=None, flush_denor
         torch.backends.cudnn.allow_tf32 = tf32
 
 
+# The random streams of a run, in the order their seeds are drawn (a new stream goes at the end, or every later
+# stream's seed changes); a checkpoint holds each one's state under its name (vae/checkpoint.py).
+RNG_STREAMS = ("shuffle", "noise", "binarize", "eval")
+
+
 def make_generators(seed: int, device: torch.device) -> dict:
     """Independent seeded streams: a change in one (e.g. binarization on/off) does not shift the others."""
-    seeds = torch.randint(2**62, (4,), generator=torch.Generator().manual_seed(seed)).tolist()
-    names = ("shuffle", "noise", "binarize", "eval")
-    return {n: torch.Generator(device=device).manual_seed(s) for n, s in zip(names, seeds)}
+    seeds = torch.randint(2**62, (len(RNG_STREAMS),), generator=torch.Generator().manual_seed(seed)).tolist()
+    return {n: torch.Generator(device=device).manual_seed(s) for n, s in zip(RNG_STREAMS, seeds)}
 
 
 class TrainStep:

@@ -42,7 +42,8 @@ from vae.atomic import atomic_write_text
 from vae.checks import check_writable, resolve_device
 from vae.config import CONFIG_DIR, MAX_CODE_UNITS, DataConfig, check_device_name
 from vae.errors import UserError, entry_point, is_out_of_memory
-from vae.estimators import MULTI_SAMPLE, NAMES, check_settings, default_samples, make_estimator
+from vae.estimators import (ESTIMATORS, check_settings, config_settings, default_samples, make_estimator,
+                            takes_samples)
 from vae.estimators.exact import CHUNK, MAX_CODES
 from vae.gradient_report import draw_chart, format_table
 from vae.gradient_stats import (DECODER_UNITS, ENCODER_UNITS, copies_per_call, encoder_gram, gram_columns,
@@ -61,7 +62,7 @@ class GradientsConfig:
     categorical_dim: int = 4
     batch_size: int = 16
     samples: int = 1000
-    estimators: List[str] = field(default_factory=lambda: [n for n in NAMES if n != "exact"])
+    estimators: List[str] = field(default_factory=lambda: [n for n in ESTIMATORS if n != "exact"])
     tau: Optional[float] = None
     taus: Optional[List[float]] = None
     estimator_samples: Optional[int] = None
@@ -91,14 +92,14 @@ def validate(cfg: DictConfig) -> None:
             raise _one_line(key, cfg[key], f"must be an integer >= {minimum}")
     if cfg.latent_dim * cfg.categorical_dim > MAX_CODE_UNITS:
         raise _one_line("latent_dim", cfg.latent_dim, f"latent_dim x categorical_dim must be at most {MAX_CODE_UNITS}")
-    unknown = [n for n in cfg.estimators if n not in NAMES]
+    unknown = [n for n in cfg.estimators if n not in ESTIMATORS]
     if unknown or not cfg.estimators:
-        raise _one_line("estimators", list(cfg.estimators), f"a non-empty list drawn from {', '.join(NAMES)}")
+        raise _one_line("estimators", list(cfg.estimators), f"a non-empty list drawn from {', '.join(ESTIMATORS)}")
     for tau in taus_of(cfg, 1.0):
         if not (math.isfinite(tau) and tau > 0):
             raise _one_line("taus" if cfg.taus else "tau", tau, "every temperature must be a number > 0")
     for name in cfg.estimators:
-        check_settings(name, samples_for(cfg, name), 1, 2, cfg.baseline_decay)
+        check_settings(name, settings_for(cfg, name), 1, 2)
     for key, allowed in (("definition", DEFINITIONS), ("reference", REFERENCES)):
         if cfg[key] not in allowed:
             raise _one_line(key, cfg[key], f"one of {', '.join(allowed)}")
@@ -113,16 +114,21 @@ def taus_of(cfg: DictConfig, default: float) -> List[float]:
 
 def samples_for(cfg: DictConfig, name: str) -> int:
     """`estimator_samples` applies to the estimators that take several samples; the others draw one."""
-    if name in MULTI_SAMPLE and cfg.estimator_samples is not None:
+    if takes_samples(name) and cfg.estimator_samples is not None:
         return int(cfg.estimator_samples)
     return default_samples(name)
+
+
+def settings_for(cfg: DictConfig, name: str) -> dict:
+    """The settings estimator `name` is measured with: samples_for's, and baseline_decay if it keeps a baseline."""
+    return config_settings(name, {"estimator_samples": samples_for(cfg, name), "baseline_decay": cfg.baseline_decay})
 
 
 def resolve_reference(cfg: DictConfig, model) -> str:
     """exact or rloo for this model: auto is exact where the K^N codes can be summed over."""
     K, N = model.categorical_dim, model.latent_dim
     if "exact" in cfg.estimators:
-        check_settings("exact", 1, N, K, cfg.baseline_decay)
+        check_settings("exact", {}, N, K)
     if cfg.reference == "exact" and K ** N > MAX_CODES:
         raise UserError(f"reference=exact sums over K^N = {K}^{N} codes, more than {MAX_CODES}: use reference=auto "
                         "or reference=rloo (a many-sample estimate, reported with its standard error), or a model "
@@ -172,10 +178,10 @@ def allocations(model, batch_size: int, names: List[str], reference: str, want_o
         if name == "exact":
             continue
         k = samples_for(cfg, name) if name in names else default_samples(name)
-        draws = k if name in MULTI_SAMPLE else 1
+        draws = k if takes_samples(name) else 1
         r = copies_per_call(B, draws)
         decoded = r * B * (k if name == "rloo" else 1)
-        where = f"estimator_samples={k} and batch_size={B}" if name in MULTI_SAMPLE else code
+        where = f"estimator_samples={k} and batch_size={B}" if takes_samples(name) else code
         steps.append((4 * (6 * decoded * DECODER_UNITS + 12 * r * B * draws * N * K) + 32 * r * D,
                       f"one call of {name} ({r} x {B} images x {k} samples)", where))
     return held, steps
@@ -226,7 +232,7 @@ def measure(model, x, names: List[str], taus: List[float], cfg: DictConfig, refe
     result: Dict = {}
     with out_of_memory(f"computing the {reference} reference", code):
         if reference == "exact":
-            exact_est = make_estimator("exact", samples=1, baseline_decay=cfg.baseline_decay, device=device)
+            exact_est = make_estimator("exact", {}, device)
             ref = logits_gradients(model, x, exact_est, torch.ones((), device=device), None, 1)[0].double()
             se = None
             if want_ours:
@@ -234,7 +240,7 @@ def measure(model, x, names: List[str], taus: List[float], cfg: DictConfig, refe
             if want_reinmax:
                 result["reinmax_exact_norm"] = (ref - kl_grad).norm().item()
         else:  # the mean of many rloo estimates, from a stream of its own (a measured rloo must not share its noise)
-            est = make_estimator("rloo", samples=None, baseline_decay=cfg.baseline_decay, device=device)
+            est = make_estimator("rloo", {}, device)
             seed = torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(cfg.seed)).item()
             chunks = logit_gradient_chunks(model, x, est, torch.ones((), device=device),
                                            torch.Generator(device=device).manual_seed(seed), cfg.reference_samples)
@@ -252,14 +258,13 @@ def measure(model, x, names: List[str], taus: List[float], cfg: DictConfig, refe
     for tau in taus:
         by_tau[tau] = {}
         for name in names:
-            est = make_estimator(name, samples=samples_for(cfg, name), baseline_decay=cfg.baseline_decay,
-                                 device=device)
+            est = make_estimator(name, settings_for(cfg, name), device)
             if not est.uses_tau and tau != taus[0]:
                 by_tau[tau][name] = by_tau[taus[0]][name]  # the same estimator whatever tau: measured once
                 continue
             # One fresh generator per estimator: its numbers do not depend on which others are measured.
             generator = torch.Generator(device=device).manual_seed(cfg.seed)
-            where = f"estimator_samples={samples_for(cfg, name)} and {code}" if name in MULTI_SAMPLE else code
+            where = f"estimator_samples={samples_for(cfg, name)} and {code}" if takes_samples(name) else code
             with out_of_memory(f"measuring {name}", where):
                 chunks = logit_gradient_chunks(model, x, est, torch.tensor(tau, device=device), generator,
                                                cfg.samples)

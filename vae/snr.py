@@ -21,7 +21,7 @@ import hashlib
 import torch
 
 from vae.config import estimator_name
-from vae.estimators import make_estimator
+from vae.estimators import config_settings, make_estimator
 from vae.gumbel import sample_gumbel
 
 TAG = "train/grad_snr"
@@ -76,7 +76,6 @@ class GradientSNR:
         if step % self.interval == 0:
             cfg, device = trainer.cfg, trainer.device
             if self.estimator is None:
-                self.estimator = make_estimator(estimator_name(cfg), samples=cfg.estimator_samples,
-                                                baseline_decay=cfg.baseline_decay, device=device)
+                self.estimator = make_estimator(estimator_name(cfg), config_settings(estimator_name(cfg), cfg), device)
             generator = torch.Generator(device=device).manual_seed(stream_seed(self.seed, step))
             self.log.add_scalar(TAG, encoder_snr(trainer, self.estimator, self.samples, generator), step)

@@ -21,7 +21,7 @@ from vae.checkpoint import FORMAT
 from vae.config import estimator_name
 from vae.engine import (TrainStep, load_optimizer_state_, make_generators, make_optimizer, set_lr_)
 from vae.errors import TrainingDiverged, UserError, describe
-from vae.estimators import make_estimator
+from vae.estimators import config_settings, make_estimator
 from vae.model import build_model
 from vae.schedule import tau_for
 
@@ -94,8 +94,7 @@ class Trainer:
         self.model = build_model(cfg, self.train_split.image_shape).to(device)
         self.initial_weights = {k: v.clone() for k, v in self.model.state_dict().items()}
         gens = make_generators(cfg.seed, device)
-        self.estimator = make_estimator(estimator_name(cfg), samples=cfg.estimator_samples,
-                                        baseline_decay=cfg.baseline_decay, device=device)
+        self.estimator = make_estimator(estimator_name(cfg), config_settings(estimator_name(cfg), cfg), device)
         self.state = TrainState(gens, tau_for(cfg, 0), torch.zeros(3, device=device), torch.zeros(3, device=device))
         self.tau_t = torch.tensor(self.state.tau, device=device)  # what the (compiled, captured) step reads
         self.check_every = 1 if device.type == "cpu" else cfg.log_interval  # a sync per step is free on a CPU only

@@ -1,6 +1,6 @@
 """Gradient estimators for the encoder of the categorical VAE: one object per estimator, one interface.
 
-    est = make_estimator("rloo", samples=2, baseline_decay=0.9, device=device)
+    est = make_estimator("rloo", {"samples": 4}, device)   # its own settings; those left out take its defaults
     noise = sample_gumbel(est.noise_shape(B, N, K), generator=noise_generator, device=device)
     surrogate, loss, bce, kl = est.batch_loss(model, x, noise, tau)
     surrogate.backward()        # the estimator's gradient for every parameter
@@ -21,75 +21,101 @@ analytic KL; the estimators differ only in how the gradient reaches the encoder'
   muprop       Taylor control variate around the mean-field code (Gu et al. 2016)            score_function.py
   exact        E_q over all K^N codes, exact gradient (small models only)                    exact.py
 
+A new estimator is a subclass of `Estimator` (the contract: vae/estimators/base.py) and one line that registers it:
+an entry in ESTIMATORS below, or `register(MyEstimator)`. The config check, make_estimator and vae.gradients read
+ESTIMATORS when they run, and the README's table of `estimator=` names it (a test checks).
+
 docs/estimators.md explains each one and how to compare them (`python -m vae.gradients`).
 """
 from __future__ import annotations
 
-import math
-from typing import Optional
+from typing import Any, Dict, Mapping, Type
 
 import torch
 
 from vae.errors import UserError
-from vae.estimators.base import Estimator
-from vae.estimators.exact import MAX_CODES, Exact
+from vae.estimators.base import CONFIG_KEYS, Estimator, MovingAverageBaseline, check_samples, config_key
+from vae.estimators.exact import Exact
 from vae.estimators.relaxed import ST, AnnealedST, Gumbel, GumbelRao, ReinMax, STGumbel
 from vae.estimators.score_function import RLOO, SF, MuProp
 
-__all__ = ["NAMES", "Estimator", "check_settings", "default_samples", "make_estimator"]
+__all__ = ["ESTIMATORS", "Estimator", "check_settings", "config_settings", "default_samples", "make_estimator",
+           "register", "takes_samples"]
 
-_CLASSES = {cls.name: cls for cls in (Gumbel, STGumbel, ST, AnnealedST, SF, RLOO, MuProp, GumbelRao, ReinMax, Exact)}
-NAMES = tuple(_CLASSES)
+# The registry: `estimator=` name -> class, in the order of the tables and error messages.
+ESTIMATORS: Dict[str, Type[Estimator]] = {
+    cls.name: cls for cls in (Gumbel, STGumbel, ST, AnnealedST, SF, RLOO, MuProp, GumbelRao, ReinMax, Exact)}
 
-# Samples per image where an estimator takes several. RLOO needs two for a baseline at all, and each one more costs
-# a decoder pass; Gumbel-Rao's extra samples cost only softmaxes, and 10 is the smallest k of Paulus et al. 2021.
-_DEFAULT_SAMPLES = {"rloo": 2, "gumbel_rao": 10}
-MULTI_SAMPLE = tuple(_DEFAULT_SAMPLES)
+
+def register(cls: Type[Estimator]) -> Type[Estimator]:
+    """Add an estimator class to ESTIMATORS under its `name`; returns it, so that it also serves as a decorator."""
+    if not cls.name or ESTIMATORS.get(cls.name, cls) is not cls:
+        raise ValueError(f"an estimator needs a name of its own: {cls.name!r} is "
+                         f"{'taken by ' + ESTIMATORS[cls.name].__qualname__ if cls.name else 'empty'}")
+    ESTIMATORS[cls.name] = cls
+    return cls
+
+
+def estimator_class(name: str) -> Type[Estimator]:
+    if name not in ESTIMATORS:
+        raise UserError(f"estimator={name!r} is not allowed: one of {', '.join(ESTIMATORS)} "
+                        "(set it on the command line, e.g. estimator=st_gumbel)")
+    return ESTIMATORS[name]
 
 
 def default_samples(name: str) -> int:
-    """`estimator_samples` when none is given: rloo 2, gumbel_rao 10, every other estimator 1."""
-    return _DEFAULT_SAMPLES.get(name, 1)
+    """Samples per image when `estimator_samples` is null: the estimator's own default, 1 if it draws one."""
+    return estimator_class(name).settings.get("samples", 1)
 
 
-def check_settings(name, samples, latent_dim, categorical_dim, baseline_decay) -> None:
-    """Raise a one-line UserError naming the setting, its value and the fix, for any setting the estimator refuses.
+def takes_samples(name: str) -> bool:
+    """Whether `estimator_samples` reaches this estimator (the others draw one sample per image)."""
+    return "samples" in estimator_class(name).settings
 
-    `samples` is `estimator_samples`; None means default_samples(name).
+
+def config_settings(name: str, cfg: Mapping) -> Dict[str, Any]:
+    """The settings that a config's keys give estimator `name`: `estimator_samples` and `baseline_decay` where it
+    takes them, `estimator_args` (where the config has it) for the rest; defaults are left to check_settings.
+
+    A top-level key the estimator does not take must still hold a value an estimator could: estimator_samples null
+    or 1 (a larger one would be ignored), baseline_decay in [0, 1). One line for each refusal.
     """
-    if name not in _CLASSES:
-        raise UserError(f"estimator={name!r} is not allowed: one of {', '.join(NAMES)} "
-                        "(set it on the command line, e.g. estimator=st_gumbel)")
-    samples = default_samples(name) if samples is None else samples
-    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
-        raise UserError(f"estimator_samples={samples!r} is not allowed: must be an integer >= 1 "
-                        f"(e.g. estimator_samples={default_samples(name)})")
-    if name == "rloo" and samples < 2:
-        raise UserError(f"estimator_samples={samples} is not allowed with estimator=rloo: each sample's baseline is "
-                        "the mean of the image's other samples, so it needs >= 2 (e.g. estimator_samples=2)")
-    if name not in MULTI_SAMPLE and samples != 1:
-        raise UserError(f"estimator_samples={samples} is not allowed with estimator={name}: it draws one sample per "
-                        f"image and would ignore it; set estimator_samples=1 (only {' and '.join(MULTI_SAMPLE)} "
-                        "take several)")
-    if name == "exact":
-        codes = categorical_dim ** latent_dim
-        if codes > MAX_CODES:
-            raise UserError(f"estimator=exact enumerates K^N = {categorical_dim}^{latent_dim} = {_big(codes)} codes; "
-                            f"that is more than {MAX_CODES} it will sum over: use latent_dim/categorical_dim with "
-                            f"K^N <= {MAX_CODES} (e.g. latent_dim=4 categorical_dim=4) or another estimator")
-    if not (isinstance(baseline_decay, (int, float)) and math.isfinite(baseline_decay)
-            and 0 <= baseline_decay < 1):
-        raise UserError(f"baseline_decay={baseline_decay!r} is not allowed: must be a number in [0, 1) "
-                        "(0 = the last batch's mean; e.g. baseline_decay=0.9)")
+    cls = estimator_class(name)
+    args = dict(cfg.get("estimator_args") or {})
+    for setting, key in CONFIG_KEYS.items():
+        if setting in args:
+            raise UserError(f"estimator_args.{setting}={args[setting]!r} is not allowed: {setting} has a key of its "
+                            f"own, set {key}={args[setting]} instead")
+    given = {setting: cfg.get(key) for setting, key in CONFIG_KEYS.items()}
+    if given["samples"] is not None and "samples" not in cls.settings:
+        check_samples(given["samples"], 1)
+        if given["samples"] != 1:
+            several = [n for n, c in ESTIMATORS.items() if "samples" in c.settings]
+            raise UserError(f"estimator_samples={given['samples']} is not allowed with estimator={name}: it draws one "
+                            f"sample per image and would ignore it; set estimator_samples=1 (only "
+                            f"{' and '.join(several)} take several)")
+    if given["baseline_decay"] is not None and "baseline_decay" not in cls.settings:
+        MovingAverageBaseline.check_decay(given["baseline_decay"])
+    return {**{k: v for k, v in given.items() if k in cls.settings and v is not None}, **args}
 
 
-def _big(n: int) -> str:
-    return str(n) if n < 10**12 else f"{n:.3g}"
+def check_settings(name: str, settings: Mapping[str, Any], latent_dim: int, categorical_dim: int) -> Dict[str, Any]:
+    """All the settings of estimator `name`, its defaults updated by `settings` (setting name -> value), for a code
+    of latent_dim variables of categorical_dim classes: a one-line UserError for a name it does not take or a
+    value it refuses (the class's check_settings)."""
+    cls = estimator_class(name)
+    for key, value in settings.items():
+        if key not in cls.settings:
+            takes = ", ".join(f"{config_key(k)} (default {v!r})" for k, v in cls.settings.items())
+            raise UserError(f"{config_key(key)}={value!r} is not allowed with estimator={name}: it takes "
+                            f"{takes or 'no settings of its own'}")
+    full = {**cls.settings, **settings}
+    cls.check_settings(full, latent_dim, categorical_dim)
+    return full
 
 
-def make_estimator(name: str, *, samples: Optional[int], baseline_decay: float, device) -> Estimator:
-    """The estimator `name` with settings that check_settings accepts (samples None = default_samples(name)); its
-    state, if any, lives on `device`."""
-    check_settings(name, samples, 1, 2, baseline_decay)  # the code-space size is the model's, checked with it
-    samples = default_samples(name) if samples is None else samples
-    return _CLASSES[name](samples=samples, baseline_decay=baseline_decay, device=torch.device(device))
+def make_estimator(name: str, settings: Mapping[str, Any], device) -> Estimator:
+    """The estimator `name` with `settings` (setting name -> value; those left out take the class's defaults),
+    checked by check_settings; its state, if any, lives on `device`."""
+    full = check_settings(name, settings, 1, 2)  # the code-space size is the model's, checked with it
+    return ESTIMATORS[name](device=torch.device(device), **full)

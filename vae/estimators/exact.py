@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from vae.errors import UserError
 from vae.estimators.base import Estimator
 from vae.loss import kl_categorical
 
@@ -49,6 +50,15 @@ class Exact(Estimator):
     (0,), an empty draw that leaves the caller's generator where it was."""
 
     name = "exact"
+
+    @classmethod
+    def check_settings(cls, settings, latent_dim, categorical_dim):
+        codes = categorical_dim ** latent_dim
+        if codes > MAX_CODES:
+            shown = str(codes) if codes < 10**12 else f"{codes:.3g}"
+            raise UserError(f"estimator=exact enumerates K^N = {categorical_dim}^{latent_dim} = {shown} codes; "
+                            f"that is more than {MAX_CODES} it will sum over: use latent_dim/categorical_dim with "
+                            f"K^N <= {MAX_CODES} (e.g. latent_dim=4 categorical_dim=4) or another estimator")
 
     def noise_shape(self, batch_size, latent_dim, categorical_dim):
         return (0,)

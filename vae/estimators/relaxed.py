@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vae.estimators.base import Estimator, sample_codes
+from vae.estimators.base import Estimator, check_samples, sample_codes
 from vae.gumbel import gumbel_softmax, one_hot_argmax, straight_through
 from vae.loss import negative_elbo
 
@@ -104,6 +104,12 @@ class GumbelRao(_Pathwise):
     """
 
     name, uses_tau = "gumbel_rao", True
+    # k, the samples per image: the extra ones cost only softmaxes, and 10 is the smallest k of Paulus et al. 2021.
+    settings = {"samples": 10}
+
+    @classmethod
+    def check_settings(cls, settings, latent_dim, categorical_dim):
+        check_samples(settings["samples"], cls.settings["samples"])
 
     def noise_shape(self, batch_size, latent_dim, categorical_dim):
         return (self.samples, batch_size, latent_dim, categorical_dim)

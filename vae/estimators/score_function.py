@@ -14,7 +14,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vae.estimators.base import Estimator, MovingAverageBaseline, log_q, sample_codes, score
+from vae.errors import UserError
+from vae.estimators.base import Estimator, MovingAverageBaseline, check_samples, log_q, sample_codes, score
 from vae.loss import bce_per_image, kl_categorical
 
 
@@ -35,8 +36,14 @@ def sampled_terms(model, x: torch.Tensor, noise: torch.Tensor):
 class _WithBaseline(Estimator):
     """An estimator whose state is a MovingAverageBaseline (checkpointed with the run)."""
 
-    def __init__(self, *, samples=1, baseline_decay=0.9, device=None):
-        super().__init__(samples=samples)
+    settings = {"baseline_decay": 0.9}  # the reasons for 0.9: docs/estimators.md, Settings
+
+    @classmethod
+    def check_settings(cls, settings, latent_dim, categorical_dim):
+        MovingAverageBaseline.check_decay(settings["baseline_decay"])
+
+    def __init__(self, *, baseline_decay, device=None):
+        super().__init__(device=device)
         self.baseline = MovingAverageBaseline(baseline_decay, device)
 
     def state_dict(self):
@@ -74,6 +81,16 @@ class RLOO(Estimator):
     """
 
     name = "rloo"
+    # k: two is the fewest that give a baseline at all, and each one more costs a decoder pass.
+    settings = {"samples": 2}
+
+    @classmethod
+    def check_settings(cls, settings, latent_dim, categorical_dim):
+        k = settings["samples"]
+        check_samples(k, 2)
+        if k < 2:
+            raise UserError(f"estimator_samples={k} is not allowed with estimator=rloo: each sample's baseline is "
+                            "the mean of the image's other samples, so it needs >= 2 (e.g. estimator_samples=2)")
 
     def noise_shape(self, batch_size, latent_dim, categorical_dim):
         return (self.samples, batch_size, latent_dim, categorical_dim)
