@@ -97,3 +97,14 @@ def train_in_process(data_root: Path, run_dir: Path, *extra: str) -> dict:
     if task_cfg.resume is not None:  # a resumed run writes into its own directory, when it can
         run_dir = run_dir_of(task_cfg.resume)[0] or run_dir
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """checkpoints/best.pt of a tiny run (a code of 8 variables x 4 classes, 5 epochs) on the synthetic glyphs that
+    debug=tiny writes into an empty data root: images with structure, so that the model learns something and its
+    bounds differ as bounds should (the random bytes of `tiny_data` teach nothing). For the tests of what reads a
+    trained model (vae.api, vae.sample, vae.export); shared: a test that writes beside it or changes it copies it."""
+    data_root, run_dir = tmp_path_factory.mktemp("glyphs"), tmp_path_factory.mktemp("tiny-run")
+    train_in_process(data_root, run_dir, "latent_dim=8", "categorical_dim=4", "epochs=5")
+    return run_dir / "checkpoints" / "best.pt"

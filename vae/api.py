@@ -50,13 +50,26 @@ class Model:
     # -- images in and out --------------------------------------------------------------------------------------
 
     def _flat(self, x: Images) -> torch.Tensor:
+        """Images as the model reads them, float [B, H*W] in [0, 1]. A wrong size or value range is an error here:
+        reshaped or scaled silently it would score nonsense (49 images of 32 x 32 hold as many pixels as 64 of 28 x
+        28; grey levels as floats are 255 times too bright)."""
         x = torch.as_tensor(x)
+        h, w = self.image_shape
+        if tuple(x.shape[-2:]) != (h, w) and not (x.dim() <= 2 and x.shape[-1:] == (h * w,)):
+            raise ValueError(f"images of shape {tuple(x.shape)} do not fit this model's {h} x {w}: pass "
+                             f"[B, {h}, {w}], one image [{h}, {w}] or flat [B, {h * w}]")
         if x.dtype == torch.uint8:
-            x = x.float() / 255
-        x = x.to(self.device, torch.float32)
-        if x.dim() == 2 and x.shape[-1] != self.image_shape[1]:  # already flat [B, H*W]
-            return x
-        return x.reshape(-1, self.image_shape[0] * self.image_shape[1])
+            x = x.float() * (1.0 / 255)  # as DeviceSplit.batch scales: the trainer's and evaluate's very inputs
+        elif x.dtype == torch.bool:
+            x = x.float()
+        elif not x.is_floating_point():
+            raise ValueError(f"images of dtype {x.dtype}: pass uint8 grey levels (e.g. x.astype(np.uint8)) or floats "
+                             "in [0, 1]")
+        x = x.to(self.device, torch.float32).reshape(-1, h * w)
+        if x.numel() and not (torch.isfinite(x).all() and x.min() >= 0 and x.max() <= 1):
+            raise ValueError(f"float images must hold values in [0, 1] (found {x.min().item():g} to "
+                             f"{x.max().item():g}); divide grey levels by 255, or pass them as uint8")
+        return x
 
     def _images(self, flat: torch.Tensor) -> torch.Tensor:
         return flat.reshape(*flat.shape[:-1], *self.image_shape).cpu()
@@ -91,9 +104,15 @@ class Model:
 
     def _one_hot(self, codes: torch.Tensor) -> torch.Tensor:
         codes = torch.as_tensor(codes).to(self.device)
-        if codes.dim() >= 2 and codes.shape[-2:] == (self.latent_dim, self.categorical_dim) and codes.is_floating_point():
+        n, k = self.latent_dim, self.categorical_dim
+        if codes.is_floating_point() and codes.dim() >= 2 and tuple(codes.shape[-2:]) == (n, k):
             return codes  # one-hot or relaxed codes as they are
-        return torch.nn.functional.one_hot(codes.long(), self.categorical_dim).float()
+        if codes.is_floating_point() or codes.dim() == 0 or codes.shape[-1] != n:
+            raise ValueError(f"codes of shape {tuple(codes.shape)} ({codes.dtype}): pass classes as integers [B, {n}] "
+                             f"or one-hot (or relaxed) codes as floats [B, {n}, {k}]")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= k):
+            raise ValueError(f"classes must lie in [0, {k - 1}] (found {codes.min().item()} to {codes.max().item()})")
+        return torch.nn.functional.one_hot(codes.long(), k).float()
 
     @torch.no_grad()
     def decode(self, codes: torch.Tensor) -> torch.Tensor:
@@ -109,6 +128,8 @@ class Model:
     @torch.no_grad()
     def sample(self, n: int, seed: int = 0) -> torch.Tensor:
         """Bernoulli means [n, H, W] of n codes drawn from the prior p(z) (exact categorical draws)."""
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
         g = torch.Generator(device=self.device).manual_seed(seed)
         noise = sample_gumbel((n, self.latent_dim, self.categorical_dim), generator=g, device=self.device)
         return self._images(torch.sigmoid(self.model.decode(one_hot_argmax(self.model.log_prior() + noise))))
@@ -117,9 +138,11 @@ class Model:
     def interpolate(self, a: Images, b: Images, steps: int = 8) -> torch.Tensor:
         """Images [steps, H, W] along a discrete path from a's argmax code to b's: variable after variable (in
         order of index) switches from a's class to b's, so every step is a code the model can emit."""
-        za, zb = self.argmax_code(a[None] if torch.as_tensor(a).dim() < 3 else a)[0], \
-            self.argmax_code(b[None] if torch.as_tensor(b).dim() < 3 else b)[0]
-        return self.decode(path_codes(za, zb, steps))
+        codes = [self.argmax_code(v) for v in (a, b)]
+        if any(len(c) != 1 for c in codes):
+            raise ValueError(f"interpolate takes two single images, not batches of {len(codes[0])} and "
+                             f"{len(codes[1])}: pass x[i] and x[j]")
+        return self.decode(path_codes(codes[0][0], codes[1][0], steps))
 
     # -- scores (nats per image, lower is better) ---------------------------------------------------------------
 
@@ -148,7 +171,8 @@ class Model:
         state = {"format": EXPORT_FORMAT, "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                  "image_shape": list(self.image_shape), "config": self.config, "tau": self.tau, "epoch": self.epoch,
                  "epoch_step": 0, "step": self.step, "torch_version": str(torch.__version__)}
-        path = Path(path)
+        path = Path(path).expanduser()
+        path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write(path, lambda f: torch.save(state, f), "export")
         return path
 
@@ -158,6 +182,8 @@ def path_codes(za: torch.Tensor, zb: torch.Tensor, steps: int) -> torch.Tensor:
     differ take zb's class."""
     if steps < 2:
         raise ValueError(f"steps must be >= 2, got {steps}")
+    if za.shape != zb.shape or za.dim() != 1:
+        raise ValueError(f"two codes of one shape [N] expected, got {tuple(za.shape)} and {tuple(zb.shape)}")
     differ = (za != zb).nonzero().flatten()
     out = za.repeat(steps, 1)
     for j in range(steps):
@@ -166,14 +192,15 @@ def path_codes(za: torch.Tensor, zb: torch.Tensor, steps: int) -> torch.Tensor:
     return out
 
 
-def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu") -> Model:
-    """A model from a train.py checkpoint (last.pt, best.pt) or an export, checked as every command checks it."""
+def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", key: str = "path") -> Model:
+    """A model from a train.py checkpoint (last.pt, best.pt) or an export, checked as every command checks it; a
+    bad file is a one-line `vae.errors.UserError` naming `key` (the setting a command line passed it as)."""
     from omegaconf import OmegaConf
 
     from vae.checkpoint import load_checkpoint, model_from_checkpoint, saved_config
 
     path = Path(path).expanduser()
-    ckpt = load_checkpoint(path, key="path", resume=False)
-    model = model_from_checkpoint(ckpt, path, key="path")
+    ckpt = load_checkpoint(path, key=key, resume=False)
+    model = model_from_checkpoint(ckpt, path, key=key)
     config = OmegaConf.to_container(saved_config(ckpt), resolve=True)
     return Model(model, config, float(ckpt["tau"]), path, int(ckpt["epoch"]), int(ckpt["step"]), device)

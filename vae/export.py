@@ -39,10 +39,12 @@ def export(cfg: DictConfig) -> Path:
     out = Path(cfg.out).expanduser() if cfg.out else path.with_name(path.stem + ".export.pt")
     if out.resolve() == path.resolve():
         raise UserError(f"out={str(out)!r} is the checkpoint itself; choose another file")
+    if out.is_dir():
+        raise UserError(f"out={str(out)!r} is a directory; name the file to write, e.g. out={str(out / 'model.pt')!r}")
     check_writable(out.parent, "out")
-    written = load(path).export(out)
-    print(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MB; the checkpoint: "
-          f"{path.stat().st_size / 2**20:.1f} MB)")
+    written = load(path, key="checkpoint").export(out)
+    print(f"wrote {written} ({written.stat().st_size / 1e6:.1f} MB; the checkpoint: "
+          f"{path.stat().st_size / 1e6:.1f} MB)")
     return written
 
 

@@ -81,13 +81,14 @@ def sample(cfg: DictConfig) -> List[str]:
     from vae.checks import check_writable, resolve_device
 
     validate(cfg)
-    m = load(cfg.checkpoint, resolve_device(cfg.device))
+    m = load(cfg.checkpoint, resolve_device(cfg.device), key="checkpoint")
     path = Path(cfg.checkpoint).expanduser()
     out = Path(cfg.out).expanduser() if cfg.out else path.with_name(path.stem + ".samples")
     check_writable(out, "out")
     x = m.test_images(max(cfg.recon, *cfg.pair) + 1, data_root=cfg.data_root)
     if max(cfg.pair) >= len(x):
-        raise UserError(f"pair={list(cfg.pair)}: the test set has only {len(x)} images")
+        raise UserError(f"pair={list(cfg.pair)}: the test set has only {len(x)} images; choose indices from 0 to "
+                        f"{len(x) - 1}")
     out.mkdir(parents=True, exist_ok=True)
     written = save(out, "prior", m.sample(cfg.n, seed=cfg.seed), cfg.nrow)
     recon = x[:cfg.recon].float() / 255
