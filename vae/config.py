@@ -52,6 +52,17 @@ def run_suffix(override_dirname: str, max_len: int = 64) -> str:
 # `${run_suffix:${hydra.job.override_dirname}}`: a run directory that says what the run changed.
 OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 
+
+def _train_help(*, _root_) -> str:
+    """`${train_help:}`: the page of `python train.py --help` (configs/hydra/help/train.yaml), for the config it
+    was asked with. Hydra fills `$NAME`s into it: a `$` of ours is doubled."""
+    from vae.usage import help_page
+
+    return help_page(_root_).replace("$", "$$")
+
+
+OmegaConf.register_new_resolver("train_help", _train_help, replace=True)
+
 DATASETS = ("mnist", "fashion_mnist")
 BINARIZE = ("none", "dynamic", "static")
 PRIORS = ("uniform", "learned")
