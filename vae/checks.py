@@ -121,6 +121,9 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
     from vae.data import check_root  # a read-only data.root is fine when it holds every file: the data layer decides
 
     check_root(cfg.data)
+    from vae.tracking import check_tracker  # tracker=mlflow: installed?
+
+    check_tracker(cfg.tracker)
     if output_dir is not None:
         check_writable(Path(output_dir), "hydra.run.dir")
     if check_resume and cfg.resume is not None:

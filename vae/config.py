@@ -98,6 +98,15 @@ class OptimizerConfig:
 
 
 @dataclass
+class TrackerConfig:
+    # none (TensorBoard alone) | mlflow (vae/tracking.py; docs/tracking.md).
+    name: str = "none"
+    # A folder (MLflow's file store) or an MLflow tracking URI; shared by every run, so that one UI shows them all.
+    tracking_uri: str = "${repo_dir:}/outputs/mlruns"
+    experiment: str = "gumbel-vae"
+
+
+@dataclass
 class EvalConfig:
     # k of the importance-weighted bound logged at the end of training (0 = skip; the paper uses 1000).
     iw_samples: int = 0
@@ -150,6 +159,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
 ConfigStore.instance().store(name="base_config", node=Config)

@@ -183,10 +183,10 @@ def help_page(cfg=None, config_dir: Path = REPO_DIR / "configs", config_name: st
     width = width or max(80, min(shutil.get_terminal_size((110, 24)).columns, 120))
     text = (config_dir / f"{config_name}.yaml").read_text()
     title, examples = _script_doc(script)
-    lines = [f"{script.name}: {title}", "", "Usage: python {} [key=value ...] [group=option ...]".format(script.name),
+    lines = [f"{script.name}: {title}", "", f"Usage: python {script.name} [key=value ...] [group=option ...]",
              *examples, ""]
 
-    lines.append("== Settings (key=value: meaning; the values are the defaults, or those of overrides given before --help) ==")
+    lines.append("== Settings (key=value: meaning; the defaults, or the values of overrides given before --help) ==")
     for section in read_settings(text):
         if section.title:
             lines.extend(textwrap.wrap(section.title, width))
@@ -213,9 +213,9 @@ def help_page(cfg=None, config_dir: Path = REPO_DIR / "configs", config_name: st
     lines.extend(_rows([(f"python -m {name}", purpose) for name, purpose in commands()], width))
     lines.append("")
     lines.append("== More ==")
-    lines.extend(_rows([(f"python {script.name} <overrides> --cfg job", "every setting, with its value after the overrides"),
-                        (f"python {script.name} -m key=a,b ...", "a sweep: one run per value (docs/sweeps.md)"),
-                        (f"python {script.name} --hydra-help", "Hydra's own options"),
-                        ("README.md, docs/", "the guides; docs/references.md: the papers behind the code")],
-                       width, column=44))
+    more = [(f"python {script.name} <overrides> --cfg job", "every setting, with its value after the overrides"),
+            (f"python {script.name} -m key=a,b ...", "a sweep: one run per value (docs/sweeps.md)"),
+            (f"python {script.name} --hydra-help", "Hydra's own options"),
+            ("README.md, docs/", "the guides; docs/references.md: the papers behind the code")]
+    lines.extend(_rows(more, width, column=44))
     return "\n".join(lines) + "\n"
