@@ -42,7 +42,7 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from vae.tensorboard import TensorBoardLog, log_hparams
-    from vae.tracking import open_tracker
+    from vae.tracking import trackers
     from vae.trainer import Trainer
 
     hydra_cfg = HydraConfig.get()
@@ -80,10 +80,9 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     prior_noise = sample_gumbel((cfg.prior_samples, cfg.latent_dim, cfg.categorical_dim),
                                 generator=torch.Generator(device=device).manual_seed(cfg.seed), device=device)
     progress = ProgressBar()
-    tracker = held.enter_context(open_tracker(cfg, run_dir, resumed_in_place=in_place is not None))  # tracker=mlflow
     with TensorBoardLog(run_dir, trainer.state.step + 1 if resumed else None, recon_x, prior_noise, test_split,
                         cfg) as tb, logging_redirect_tqdm():
-        trainer.callbacks = [progress, checkpoints, tb, tracker]
+        trainer.callbacks = [progress, checkpoints, tb, *trackers(cfg, run_dir, held)]
         try:
             test = trainer.fit(test_split)
         except TrainingDiverged as e:
@@ -111,7 +110,6 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
                                      "test/elbo_discrete": results["test_elbo_discrete"]})
     written = write_metrics(run_dir, results, list(hydra_cfg.overrides.task), resumed_in_place=in_place is not None,
                             trained=s.step > start_step)
-    tracker.log_final(results)
     if not written:
         log.info("metrics.json kept as it was: this resume trained nothing (the run had finished)")
     if "stopped" in results:

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 from conftest import compose_train, train_in_process
 from vae.checks import validate
 from vae.errors import UserError
-from vae.tracking import RUN_ID_FILE, MlflowTracker, check_tracker, flatten, open_tracker, tracking_uri
+from vae.tracking import RUN_ID_FILE, MlflowTracker, check_tracker, flatten, trackers, tracking_uri
 
 
 def client_of(store: Path):
@@ -112,9 +112,8 @@ def test_a_store_mlflow_cannot_open_is_one_line(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     cfg = compose_train("tracker=mlflow", f"tracker.tracking_uri={blocker / 'mlruns'}")
-    with pytest.raises(UserError) as e:
-        with open_tracker(cfg, tmp_path / "run"):
-            pass
+    with pytest.raises(UserError) as e, contextlib.ExitStack() as held:
+        trackers(cfg, tmp_path / "run", held)
     assert str(e.value).startswith("tracker.tracking_uri=") and "\n" not in str(e.value)
 
 
@@ -123,7 +122,7 @@ def test_a_store_failing_mid_run_is_a_warning_and_the_run_goes_on(tmp_path, capl
     cfg = compose_train("tracker=mlflow", f"tracker.tracking_uri={tmp_path / 'mlruns'}")
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    tracker = MlflowTracker(cfg, run_dir, resumed_in_place=False)
+    tracker = MlflowTracker(cfg, run_dir)
 
     def full_disk(*args, **kwargs):
         raise OSError(28, "No space left on device")
@@ -159,7 +158,13 @@ def test_the_mlflow_run_ends_with_how_the_run_ended(tmp_path, exit_by, status):
     cfg = compose_train("tracker=mlflow", f"tracker.tracking_uri={store}")
     (tmp_path / "run").mkdir()
     with pytest.raises(type(exit_by)) if exit_by is not None else contextlib.nullcontext():
-        with open_tracker(cfg, tmp_path / "run"):
+        with contextlib.ExitStack() as held:
+            assert len(trackers(cfg, tmp_path / "run", held)) == 1
             if exit_by is not None:
                 raise exit_by
     assert only_run(store)[1].info.status == status
+
+
+def test_tracker_none_gives_no_callback(tmp_path):
+    with contextlib.ExitStack() as held:
+        assert trackers(compose_train(), tmp_path, held) == []

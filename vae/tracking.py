@@ -2,7 +2,7 @@
 
 A trainer callback that gives an MLflow run what TensorBoard gets as scalars (train/* every log_interval steps,
 test/* every epoch, at the same steps), the run's settings as parameters (the config flattened to `data.root`-style
-keys) and metrics.json's numbers as the run's final metrics. The default store is MLflow's file store, a folder
+keys) and, when the run ends, metrics.json's numbers as its final metrics and its status. The default store is MLflow's file store, a folder
 that needs no server and no network; any MLflow tracking URI works (`sqlite:///...`, `http://...`).
 
 MLflow is an extra (`pip install -e .[mlflow]`) and is imported only when tracker=mlflow. A failure of the store
@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
+import json
 import logging
 import os
 import re
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -30,7 +31,9 @@ from vae.usage import show
 log = logging.getLogger("train")
 TRACKERS = ("none", "mlflow")
 INSTALL = "pip install -e '.[mlflow]' (or pip install mlflow-skinny)"
-RUN_ID_FILE = "mlflow_run_id"  # in the run directory: a resume in place continues the same MLflow run
+# In the run directory: a resume in place continues the same MLflow run. Only a run that has logged to TensorBoard
+# holds it (the tracker starts after TensorBoardLog), so a new run's directory never does (vae.checks.check_new_run_dir).
+RUN_ID_FILE = "mlflow_run_id"
 BATCH = 100  # MLflow takes at most 100 parameters per log_batch call
 MAX_PARAM = 6000  # and parameter values of at most 6000 characters
 
@@ -63,18 +66,11 @@ def flatten(cfg: dict, prefix: str = "") -> dict:
     return out
 
 
-class NoTracker:
-    """tracker=none: TensorBoard alone."""
-
-    def log_final(self, results: dict) -> None:
-        pass
-
-
 class MlflowTracker:
     """A trainer callback (on_interval, on_epoch_end) logging to one MLflow run through MlflowClient (no global
-    active run: sweeps and in-process tests keep their runs apart)."""
+    active run: sweeps and in-process tests keep their runs apart); a context manager that ends that run."""
 
-    def __init__(self, cfg: DictConfig, run_dir: Path, resumed_in_place: bool):
+    def __init__(self, cfg: DictConfig, run_dir: Path):
         self.uri = tracking_uri(cfg.tracker.tracking_uri)
         if self.uri.startswith("file:"):
             # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked; it is the store that
@@ -85,11 +81,11 @@ class MlflowTracker:
         from mlflow.tracking import MlflowClient
 
         self._metric, self._param = Metric, Param
-        self.run_dir, self.failed = Path(run_dir), False
+        self.run_dir, self.failed, self.started = Path(run_dir), False, time.time()
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
             experiment = self._experiment(cfg.tracker.experiment)
-            self.run_id = self._continued_run(experiment) if resumed_in_place else None
+            self.run_id = self._continued_run(experiment)
             if self.run_id is None:
                 run = self.client.create_run(experiment, run_name="/".join(self.run_dir.parts[-2:]),
                                              tags={"run_dir": str(self.run_dir),
@@ -119,7 +115,7 @@ class MlflowTracker:
             return found.experiment_id
 
     def _continued_run(self, experiment: str) -> Optional[str]:
-        """The MLflow run this run directory logged to before, if it is in this store: a resume continues it."""
+        """The MLflow run this run directory logged to before (a resume in place), if it is in this store."""
         try:
             run_id = (self.run_dir / RUN_ID_FILE).read_text().strip()
             run = self.client.get_run(run_id)
@@ -161,32 +157,31 @@ class MlflowTracker:
     def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
         self._log({f"test/{k}": test[k] for k in ("loss", "bce", "kl", "elbo_discrete")}, trainer.state.step)
 
-    def log_final(self, results: dict) -> None:
-        """metrics.json's numbers, under its own names (test_loss, test_iw_bound, train_seconds...)."""
-        numbers = {k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self._log(numbers, int(results.get("step", 0)))
+    def __enter__(self):
+        return self
 
-    def end(self, status: str) -> None:
+    def __exit__(self, exc_type, *exc) -> None:
+        """When the run ends, however it ends: metrics.json's numbers, if this run wrote it (a resume that trained
+        nothing leaves it as it was), then the status: FINISHED, KILLED (Ctrl-C, SIGTERM) or FAILED."""
+        metrics = self.run_dir / "metrics.json"
+        try:
+            if metrics.stat().st_mtime >= self.started:
+                results = json.loads(metrics.read_text())
+                self._log({k: v for k, v in results.items() if isinstance(v, (int, float)) and not isinstance(v, bool)},
+                          int(results.get("step", 0)))
+        except (OSError, ValueError):  # no metrics.json: the run stopped before its end
+            pass
+        status = ("FINISHED" if exc_type is None else
+                  "KILLED" if issubclass(exc_type, (KeyboardInterrupt, SystemExit)) else "FAILED")
         try:
             self.client.set_terminated(self.run_id, status=status)
         except Exception as e:
             log.warning("MLflow: could not mark run %s %s (%s)", self.run_id, status, describe(e, 160))
 
 
-@contextlib.contextmanager
-def open_tracker(cfg: DictConfig, run_dir: Path, resumed_in_place: bool = False) -> Iterator:
-    """The run's tracker (the settings validated: check_tracker), ended on every exit path: FINISHED, KILLED
-    (Ctrl-C, SIGTERM) or FAILED."""
-    if cfg.tracker.name != "mlflow":  # vae.checks.validate has checked the name
-        yield NoTracker()
-        return
-    tracker = MlflowTracker(cfg, run_dir, resumed_in_place)
-    status = "FAILED"
-    try:
-        yield tracker
-        status = "FINISHED"
-    except (KeyboardInterrupt, SystemExit):
-        status = "KILLED"
-        raise
-    finally:
-        tracker.end(status)
+def trackers(cfg: DictConfig, run_dir: Path, held: contextlib.ExitStack) -> List[MlflowTracker]:
+    """The run's tracker callbacks (the settings validated: check_tracker): none for tracker=none; for tracker=mlflow
+    one, whose MLflow run ends when `held` closes, after metrics.json is written."""
+    if cfg.tracker.name != "mlflow":
+        return []
+    return [held.enter_context(MlflowTracker(cfg, run_dir))]
