@@ -25,6 +25,7 @@ from vae.checkpoint import RunCheckpoints
 from vae.checks import check_new_run_dir, resolve_device, resolve_run, validate
 from vae.engine import configure_device, pick_modes
 from vae.errors import TrainingDiverged, entry_point, memory_hint
+from vae.data import dataset_title
 from vae.device_data import load_device_splits
 from vae.gumbel import sample_gumbel
 from vae.progress import ProgressBar, StopFlag
@@ -41,6 +42,7 @@ def train(cfg: DictConfig) -> float:
 def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
+    from vae.snr import GradientSNR
     from vae.tensorboard import TensorBoardLog, log_hparams
     from vae.tracking import trackers
     from vae.trainer import Trainer
@@ -60,15 +62,15 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
         configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
         if cfg.device == "auto" and device.type == "cpu":
             log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
-        train_split, test_split = load_device_splits(cfg.data, device)
+        train_split, test_split, val_split = load_device_splits(cfg.data, device)
         steps_left = cfg.epochs * (train_split.n // cfg.batch_size) - (resumed["step"] if resumed else 0)
         compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph, steps_left,
                                               cfg.compile_min_steps)
-        log.info("run directory %s | device %s | compile=%s cuda_graph=%s", run_dir, device, compile_mode,
-                 graph_mode)
+        log.info("run directory %s | device %s | compile=%s cuda_graph=%s | %s: %d train, %d validation, %d test "
+                 "images of %dx%d", run_dir, device, compile_mode, graph_mode, dataset_title(cfg.data), train_split.n,
+                 val_split.n if val_split else 0, test_split.n, *train_split.image_shape)
 
-        trainer = Trainer(cfg, train_split, device, compile=compile_mode, cuda_graph=graph_mode,
-                          should_stop=stop)
+        trainer = Trainer(cfg, train_split, device, compile=compile_mode, cuda_graph=graph_mode, should_stop=stop)
         if resumed:
             trainer.resume(resumed, cfg.resume)
         if trainer.state.epoch < cfg.epochs:
@@ -82,9 +84,9 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     progress = ProgressBar()
     with TensorBoardLog(run_dir, trainer.state.step + 1 if resumed else None, recon_x, prior_noise, test_split,
                         cfg) as tb, logging_redirect_tqdm():
-        trainer.callbacks = [progress, checkpoints, tb, *trackers(cfg, run_dir, held)]
+        trainer.callbacks = [progress, checkpoints, tb, *GradientSNR.for_run(cfg, tb), *trackers(cfg, run_dir, held)]
         try:
-            test = trainer.fit(test_split)
+            test = trainer.fit(test_split, val_split)
         except TrainingDiverged as e:
             kept = (f"the last good checkpoint {checkpoints.last} was kept" if checkpoints.last.exists()
                     else "no checkpoint had been written yet")
@@ -101,7 +103,8 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
             test = trainer.test(test_split)
         results = {"test_loss": test["loss"], "test_elbo_discrete": test["elbo_discrete"], "epochs": s.epoch,
                    "step": s.step, "tau": s.tau, "train_seconds": trainer.train_seconds,
-                   "build_seconds": trainer.build_seconds}
+                   "build_seconds": trainer.build_seconds,
+                   **({"val_loss": s.val_loss, "best_val_loss": s.best_val_loss} if val_split else {})}
         if cfg.eval.iw_samples > 0:
             iw = None if stop() else final_iw_bound(cfg, trainer, test_split, tb, stop)
             results.update({"test_iw_bound": iw} if iw is not None else  # stopped: all but the bound is saved

@@ -429,7 +429,7 @@ def main():
           f"binarize={cfg.data.binarize}")
 
     (train_images, _), (test_images, _) = load_splits(cfg.data, ("train", "test"))
-    train_split, test_split = make_splits(train_images, test_images, device, cfg.data.binarize,
+    train_split, test_split, _ = make_splits(train_images, test_images, device, cfg.data.binarize,
                                           cfg.data.binarize_seed)
     dead, rare, nz = dead_and_rare_pixels(train_images)
     test_dead = (test_images.reshape(-1, 784) != 0).sum(0) == 0

@@ -26,7 +26,7 @@ def tiny_data(tmp_path_factory) -> Path:
 def tiny_overrides(data_root: Path, run_dir: Path, *extra: str) -> list:
     """Settings for a fast run on tiny data: small batches so an epoch has several steps."""
     return [f"data.root={data_root}", "data.verify=false", f"hydra.run.dir={run_dir}", "batch_size=50",
-            "log_interval=2", "eval.batch_size=50", *extra]
+            "log_interval=2", "eval.batch_size=50", "data.val_size=0", *extra]
 
 
 def subprocess_env(**extra) -> dict:

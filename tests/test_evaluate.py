@@ -57,8 +57,13 @@ def test_command_end_to_end(tmp_path):
     cwd.mkdir()
     # flush_denormal=false: the numbers are recomputed below in this process, which does not flush.
     proc = run_cli(f"checkpoint={ckpt}", "iw_samples=10", "iw_chunk=3", "batch_size=5", "device=cpu",
-                   "flush_denormal=false", cwd=cwd)
+                   "flush_denormal=false", "threads=1", cwd=cwd)
     assert proc.returncode == 0, proc.stderr
+    # stdout is a pipe here, no terminal: progress comes as log lines, one per tenth of the images done (batches of
+    # 5 of 12 images: 41%, 83%, 100%).
+    progress = [line for line in proc.stdout.splitlines() if "IW bound k=10: " in line]
+    assert [p.split(": ", 1)[1].split(")")[0] for p in progress[-3:]] == \
+        ["5/12 images (41%", "10/12 images (83%", "12/12 images (100%"], proc.stdout
     assert "IW bound, k=10" in proc.stdout and "discrete -ELBO" in proc.stdout
     assert "code usage, 3 variables x 4 classes" in proc.stdout
     assert all(row in proc.stdout for row in ("active variables (KL > 0.01 nats)", "perplexity", "confidence"))
@@ -66,6 +71,8 @@ def test_command_end_to_end(tmp_path):
     result = json.loads((ckpt.parent / "best.metrics.json").read_text())
     assert (result["k"], result["epoch"], result["step"], result["tau"], result["hard"]) == (10, 3, 30, 0.8, True)
     assert result["n_images"] == N_TEST and result["device"] == "cpu" and result["seconds"] > 0
+    # The run the checkpoint comes from: hard=true is straight-through Gumbel-softmax.
+    assert result["run"] == {"estimator": "st_gumbel", "seed": 0, "lr": 1e-3, "optimizer": "adam", "data": "mnist"}
     m = result["metrics"]
     assert set(m) == {"loss", "bce", "kl", "elbo_discrete", "iw_bound"}
     assert all(math.isfinite(v) and v > 0 for v in m.values()), m
@@ -76,7 +83,7 @@ def test_command_end_to_end(tmp_path):
     # The numbers are those of the metrics on the training run's own static test draw (train, then test, from
     # one generator seeded with binarize_seed), each metric from a fresh generator seeded with `seed`.
     data_cfg = OmegaConf.create(torch.load(ckpt, weights_only=True)["config"]["data"])
-    _, test = make_splits(load_split(data_cfg, "train")[0], load_split(data_cfg, "test")[0], "cpu", "static", 5)
+    _, test, _ = make_splits(load_split(data_cfg, "train")[0], load_split(data_cfg, "test")[0], "cpu", "static", 5)
     model = CategoricalVAE(3, 4)
     model.load_state_dict(torch.load(ckpt, weights_only=True)["model"])
     want = metrics.evaluate_split(model, test, tau=0.8, hard=True, generator=torch.Generator().manual_seed(0),
@@ -105,9 +112,11 @@ def test_command_end_to_end(tmp_path):
         assert im.size == (8 * 30 + 2, 8 * 30 + 2)  # 64 digits of 28 px, 8 per row, 2 px padding
     with Image.open(ckpt.parent / "best.reconstructions.png") as im:
         assert im.size == (8 * 30 + 2, 2 * 30 + 2)  # 8 originals above 8 reconstructions
-    with Image.open(ckpt.parent / "best.traversal.png") as im:
-        assert im.size == (4 * 30 + 2, 3 * 30 + 2)  # a row per variable (3 < traversal_rows), a column per class
-    assert set(result["images"]) == {"prior_samples", "reconstructions", "traversal"}
+    for name in ("traversal", "usage", "class_means"):  # the pictures of the code, as TensorBoard's latents/<name>
+        with Image.open(ckpt.parent / f"best.{name}.png") as im:
+            assert im.size == (4 * 30 + 2, 3 * 30 + 2), name  # a row per variable (3 < traversal_rows), K columns
+    assert set(result["images"]) == {"prior_samples", "reconstructions", "traversal", "usage", "class_means"}
+    assert all(Path(p).is_file() for p in result["images"].values())
     assert list(cwd.iterdir()) == [], "evaluation wrote into the working directory"
     assert not list(ckpt.parent.glob("*.tmp-*"))
 
@@ -131,6 +140,8 @@ def eval_cfg(**overrides):
     ({"device": "gpu"}, "device='gpu'"),
     ({"traversal_rows": 0}, "traversal_rows=0"),
     ({"active_kl": -0.5}, "active_kl=-0.5"),
+    ({"threads": 0}, "threads=0"),
+    ({"threads": 10 ** 6}, "threads=1000000"),
 ])
 def test_bad_settings_are_user_errors(tmp_path, overrides, message):
     """Checked before the checkpoint is even opened (it does not exist here)."""
@@ -167,3 +178,15 @@ def test_test_split_follows_the_checkpoints_binarization(tmp_path, binarize):
     assert torch.equal(torch.cat(list(load_test_split(data_cfg, torch.device("cpu")).batches(5))), x)
     # ... and a draw of these images: black pixels stay 0, white ones 1.
     assert torch.all(x[raw == 0] == 0) and torch.all(x[raw == 1] == 1)
+
+
+def test_run_settings_name_the_estimator_of_old_and_new_checkpoints():
+    from vae.evaluate import run_settings
+
+    # A checkpoint from before estimators and optimizers were settings: Gumbel-softmax with Adam, as it was then.
+    assert run_settings({"hard": False, "seed": 3, "lr": 0.001}) == {"estimator": "gumbel", "seed": 3, "lr": 0.001}
+    assert run_settings({"hard": True, "seed": 3})["estimator"] == "st_gumbel"
+    new = {"hard": False, "estimator": "rloo", "estimator_samples": 4, "seed": 1, "lr": 5e-4,
+           "optimizer": {"name": "radam", "betas": [0.9, 0.999]}, "data": {"name": "fashion_mnist"}}
+    assert run_settings(new) == {"estimator": "rloo", "estimator_samples": 4, "seed": 1, "lr": 5e-4,
+                                 "optimizer": "radam", "data": "fashion_mnist"}

@@ -1,4 +1,5 @@
-"""Code usage, traversal and TensorBoard tags of vae/latents.py against numbers worked out by hand.
+"""Code usage and TensorBoard tags of vae/latents.py against numbers worked out by hand (the pictures drawn from
+them: tests/test_pictures.py).
 
 The encoder is one Linear layer with hand-set weights and images that each light one pixel, so image i's
 posterior logits are exactly the weight column i: every q(z|x) below is chosen, not learned.
@@ -10,10 +11,9 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from vae.device_data import DeviceSplit
-from vae.latents import code_usage, custom_scalars_layout, log_latents, traversal_grid
+from vae.latents import code_usage, custom_scalars_layout, log_latents
 from vae.model import IMAGE_PIXELS, CategoricalVAE
 
 N, K = 4, 3
@@ -91,41 +91,24 @@ def test_code_usage_by_hand(model, split, batch_size):
     # max_k q per variable: 3/6 (q = p), 1, 1/K, 1; the same for every image.
     assert stats["confidence"] == pytest.approx((0.5 + 1 + 1 / K + 1) / N)
     assert isinstance(stats["active"], int) and isinstance(stats["confidence"], float)
+    # The usage map is q̄ itself.
+    third = torch.full((K,), 1 / K, dtype=torch.float64)
+    torch.testing.assert_close(stats["usage"], torch.stack([p, torch.tensor([1.0, 0, 0], dtype=torch.float64),
+                                                            third, third]))
+    # Argmax codes (ties go to the first class): variable 0 picks class 2 (p's largest) for every image,
+    # variables 1 and 2 class 0, variable 3 class i for image i.
+    torch.testing.assert_close(stats["class_counts"], torch.tensor([[0, 0, 3], [3, 0, 0], [3, 0, 0], [1, 1, 1]]))
+    every_image = torch.zeros(IMAGE_PIXELS)
+    every_image[:K] = 1 / K                            # the mean of the K one-pixel images
+    want = torch.zeros(N, K, IMAGE_PIXELS)
+    want[0, 2] = want[1, 0] = want[2, 0] = every_image
+    want[3] = torch.eye(K, IMAGE_PIXELS)               # class i: image i alone
+    torch.testing.assert_close(stats["class_means"], want)  # 0 where no image has the class
 
 
 def test_active_threshold_is_a_parameter(model, split):
     # Variable 2 carries 0.0959 nats: active at the default 0.01, not at 0.1.
     assert code_usage(model, split, batch_size=K, threshold=0.1)["active"] == 2
-
-
-def cell(grid: torch.Tensor, row: int, col: int) -> torch.Tensor:
-    """The 28x28 picture at (row, col) of a make_grid image with 2 px padding (channel 0 of 3 equal ones)."""
-    top, left = 2 + 30 * row, 2 + 30 * col
-    return grid[0, top:top + 28, left:left + 28]
-
-
-def test_traversal_rows_are_top_kl_variables_and_columns_are_classes(model, split):
-    x = next(split.batches(K))[1]  # image 1: argmax code (2, 0, 0, 1), ties going to the first class
-    kl = torch.tensor([0.5, 2.0, 0.1, 1.0])
-    grid = traversal_grid(model, x, kl, max_rows=3)
-    assert grid.shape == (3, 3 * 30 + 2, K * 30 + 2)
-    torch.testing.assert_close(grid[1], grid[0])
-    for r, variable in enumerate([1, 3, 0]):  # decreasing KL; variable 2 (lowest) is left out
-        for k in range(K):
-            code = torch.tensor([2, 0, 0, 1])
-            code[variable] = k
-            want = torch.sigmoid(model.decode(F.one_hot(code, K).float())).view(28, 28)
-            torch.testing.assert_close(cell(grid, r, k), want, msg=f"row {r} (variable {variable}), class {k}")
-
-
-def test_traversal_has_at_most_one_row_per_variable_in_a_stable_order(model, split):
-    x = next(split.batches(K))[0]
-    kl = torch.zeros(N)  # a fully collapsed model: rows in variable order
-    grid = traversal_grid(model, x, kl, max_rows=10)
-    assert grid.shape == (3, N * 30 + 2, K * 30 + 2)
-    code = torch.tensor([2, 0, 0, 2])  # image 0's code (2, 0, 0, 0) with variable 3 (row 3) set to class 2
-    want = torch.sigmoid(model.decode(F.one_hot(code, K).float())).view(28, 28)
-    torch.testing.assert_close(cell(grid, 3, 2), want)
 
 
 def test_custom_scalars_layout_names_the_tags_and_serialises():
@@ -155,16 +138,18 @@ def test_log_latents_writes_each_tag_under_one_plugin(model, split, tmp_path):
     from tensorboard.backend.event_processing.plugin_event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
 
+    from vae.pictures import latent_pictures
+
     stats = code_usage(model, split, batch_size=K)
-    grid = traversal_grid(model, next(split.batches(1)).squeeze(0), stats["kl_per_variable"])
+    drawn = latent_pictures(model, next(split.batches(1)).squeeze(0), stats)
     with SummaryWriter(str(tmp_path)) as writer:
-        log_latents(writer, stats, grid, step=7)
+        log_latents(writer, stats, drawn, step=7)
     acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
     acc.Reload()
     assert acc.PluginTagToContent("scalars").keys() == {"latents/perplexity", "latents/active", "latents/confidence"}
     assert acc.PluginTagToContent("histograms").keys() == {"latents/perplexity_per_variable",
                                                            "latents/kl_per_variable"}
-    assert acc.PluginTagToContent("images").keys() == {"latents/traversal"}
+    assert acc.PluginTagToContent("images").keys() == {"latents/traversal", "latents/usage", "latents/class_means"}
 
     def scalar(tag):
         (event,) = acc.Tensors(tag)
@@ -196,6 +181,11 @@ def test_code_usage_on_cuda_matches_the_cpu_and_syncs_once(model, split):
     torch.testing.assert_close(gpu["perplexity"], cpu["perplexity"])
     torch.testing.assert_close(gpu["kl_per_variable"], cpu["kl_per_variable"], atol=1e-5, rtol=1e-5)
     assert gpu["confidence"] == pytest.approx(cpu["confidence"], rel=1e-6)
+    torch.testing.assert_close(gpu["usage"], cpu["usage"])
+    assert torch.equal(gpu["class_counts"], cpu["class_counts"])
+    torch.testing.assert_close(gpu["class_means"], cpu["class_means"])
+    from vae.pictures import latent_pictures
+
     x = next(split.batches(K))[1]
-    torch.testing.assert_close(traversal_grid(cuda_model, x.cuda(), cpu["kl_per_variable"]),
-                               traversal_grid(model, x, cpu["kl_per_variable"]), atol=1e-5, rtol=1e-5)
+    for name, picture in latent_pictures(cuda_model, x.cuda(), gpu).items():
+        torch.testing.assert_close(picture, latent_pictures(model, x, cpu)[name], atol=1e-5, rtol=1e-5, msg=name)

@@ -13,7 +13,7 @@ from conftest import run_train, tiny_overrides, train_in_process
 
 SCALARS = {"train/loss", "train/bce", "train/kl", "train/temperature", "test/loss", "test/elbo_discrete",
            "train/grad_norm", "latents/perplexity", "latents/active", "latents/confidence"}
-IMAGES = {"test/reconstructions", "samples/prior", "latents/traversal"}
+IMAGES = {"test/reconstructions", "samples/prior", "latents/traversal", "latents/usage", "latents/class_means"}
 HISTOGRAMS = {"latents/kl_per_variable", "latents/perplexity_per_variable"}
 
 
@@ -49,6 +49,11 @@ def test_run_writes_tensorboard_checkpoints_and_metrics(hard_run):
     assert [e.step for e in ea.Scalars("train/loss")] == [2, 4, 6, 8, 10, 12]  # 6 steps/epoch, log_interval=2
     grid = ea.Images("samples/prior")[-1]
     assert grid.width > 8 * 28 and grid.height > 8 * 28             # 64 samples in an 8x8 grid
+    for tag in IMAGES:
+        assert [e.step for e in ea.Images(tag)] == [6, 12], tag      # every epoch
+    usage, means = ea.Images("latents/usage")[-1], ea.Images("latents/class_means")[-1]
+    assert (usage.width, usage.height) == (10 * 30 + 2, 30 * 30 + 2)  # 30 variables x 10 classes, 28 px tiles
+    assert (means.width, means.height) == (10 * 30 + 2, 10 * 30 + 2)  # the 10 (eval.traversal_rows) top-KL variables
     assert "_hparams_/experiment" in ea.PluginTagToContent("hparams")
     test_losses = [e.value for e in ea.Scalars("test/loss")]
     for name in ("last.pt", "best.pt"):

@@ -23,6 +23,9 @@ FORMAT = f"{FORMAT_NAME}/1"
 _ABSENT = object()
 log = logging.getLogger("train")
 REQUIRED_KEYS = ("format", "model", "optimizer", "epoch", "epoch_step", "step", "tau", "rng", "config")
+# A weights-only export (vae.api.Model.export, python -m vae.export): what scoring and sampling read, nothing more.
+EXPORT_FORMAT = f"{FORMAT_NAME}-export/1"
+EXPORT_KEYS = ("format", "model", "epoch", "epoch_step", "step", "tau", "config")
 RESUME_KEYS = (*REQUIRED_KEYS, "test_loss", "best_test_loss", "epoch_sums", "interval_sums")  # what Trainer.load reads
 RNG_STREAMS = ("shuffle", "noise", "binarize", "eval")  # vae.engine.make_generators
 ADAM_STATE = ("step", "exp_avg", "exp_avg_sq")
@@ -61,6 +64,15 @@ def load_checkpoint(path, key: str = "resume", resume: bool = True) -> Dict[str,
         raise UserError(f"{key}={str(path)!r} is not a gumbel-vae checkpoint ({type(e).__name__}); "
                         "pass a last.pt or best.pt written by train.py") from e
     fmt = ckpt.get("format") if isinstance(ckpt, dict) else None
+    if fmt == EXPORT_FORMAT:
+        if resume:
+            raise UserError(f"{key}={str(path)!r} is a weights-only export: it holds no optimizer state or random "
+                            "streams to continue from; resume from the run's checkpoints/last.pt")
+        missing = [k for k in EXPORT_KEYS if k not in ckpt]
+        problem = f"lacks {', '.join(missing)}" if missing else check_structure(ckpt, resume=False)
+        if problem:
+            raise UserError(f"{key}={str(path)!r} is a damaged export ({problem}); export the checkpoint again")
+        return ckpt
     if isinstance(fmt, str) and fmt.startswith(FORMAT_NAME + "/") and fmt != FORMAT:
         raise UserError(f"{key}={str(path)!r} has format {fmt!r}, and this code reads {FORMAT!r} only: it was written "
                         "by another version of train.py; use that version (or update this one)")
@@ -165,13 +177,27 @@ def architecture_mismatch(a: DictConfig, b: Dict[str, Any], keys: Iterable[str])
             if OmegaConf.select(a, k) != saved(k)]
 
 
+# What a setting added later meant in checkpoints written before it existed, where that differs from its default
+# for new runs: those runs had no validation split.
+LEGACY_VALUES = {"data": {"val_size": 0}}
+
+
+def saved_config(ckpt: Dict[str, Any]) -> DictConfig:
+    """A checkpoint's config completed by the schema: settings it predates take the value they had then."""
+    config = ckpt["config"]
+    legacy = {group: {k: v for k, v in values.items() if k not in (config.get(group) or {})}
+              for group, values in LEGACY_VALUES.items()}
+    return OmegaConf.merge(OmegaConf.structured(Config), legacy, config)
+
+
 def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Iterable[str]] = None) -> DictConfig:
     """The config a resumed run continues with: the checkpoint's own, plus what this command line overrides.
 
     `python train.py resume=last.pt` must continue *that* run (its `hard`, `temperature`, data settings...), not
     the defaults; `resume=last.pt epochs=20` may extend it. Settings that shape the parameters may not change.
     """
-    merged = OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"])
+    saved = OmegaConf.to_container(saved_config(ckpt))
+    merged = saved_config(ckpt)
     for item in overrides or ():
         key = item.lstrip("+~").split("=", 1)[0]
         # Config groups that are not keys (experiment=..., hparams_search=...) were expanded into the keys
@@ -180,26 +206,51 @@ def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Ite
             continue
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
     merged.resume = cfg.resume
-    differ = architecture_mismatch(merged, ckpt["config"], ARCHITECTURE_KEYS)
+    differ = architecture_mismatch(merged, saved, ARCHITECTURE_KEYS)
     if differ:
         raise UserError(f"resume={cfg.resume!r} has a different architecture: {'; '.join(differ)}. "
                         "Drop those overrides to continue the run, or start a new run without resume=")
     # The saved moments belong to the optimizer that wrote them: another one would continue from a state it never
     # produced. Old checkpoints (no `optimizer` group) were written by Adam, which the schema's default says.
-    saved_opt = OmegaConf.to_container(OmegaConf.merge(OmegaConf.structured(Config), ckpt["config"]).optimizer)
-    differ = architecture_mismatch(merged, {"optimizer": saved_opt}, ("optimizer.name",))
+    differ = architecture_mismatch(merged, saved, ("optimizer.name",))
     if differ:
         raise UserError(f"resume={cfg.resume!r} was trained with another optimizer: {'; '.join(differ)}. Drop that "
                         "override to continue the run, or start a new run without resume=")
     # Test losses on other data would not compare with the run's own, and best.pt is chosen by comparing them.
-    saved_data = {k: v for k, v in OmegaConf.to_container(OmegaConf.merge(
-        OmegaConf.structured(Config), ckpt["config"])).items() if k == "data"}
-    differ = architecture_mismatch(merged, saved_data, DATA_KEYS)
+    differ = architecture_mismatch(merged, saved, DATA_KEYS)
     if differ:
         raise UserError(f"resume={cfg.resume!r} was trained on other data: {'; '.join(differ)}. Its test losses and "
                         "best.pt compare losses on its own data: drop those overrides to continue the run, or start "
                         "a new run (e.g. from scratch) without resume=")
     return merged
+
+
+def image_shape_of(ckpt: Dict[str, Any]) -> tuple:
+    """The image shape a checkpoint's model was built for: recorded since own datasets exist, MNIST's before."""
+    from vae.model import IMAGE_SHAPE
+
+    shape = ckpt.get("image_shape", IMAGE_SHAPE)
+    if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(v, int) and v >= 1 for v in shape)):
+        raise UserError(f"the checkpoint's image_shape={shape!r} is not [H, W]; the file is damaged or not from "
+                        "this train.py")
+    return tuple(shape)
+
+
+def model_from_checkpoint(ckpt: Dict[str, Any], path, key: str = "checkpoint"):
+    """The model a checkpoint describes (its config's model group, code size and prior, its image shape), with its
+    weights loaded after checking that they fit. The one way every command rebuilds a trained model."""
+    from vae.model import build_model
+
+    try:
+        model = build_model(OmegaConf.to_container(saved_config(ckpt)), image_shape_of(ckpt))
+    except UserError:
+        raise
+    except Exception as e:  # a config that fits no model of this version
+        raise UserError(f"{key}={str(path)!r}: its config does not describe a model ({describe(e, 160)}); pass a "
+                        "last.pt or best.pt written by train.py") from e
+    check_model_state(ckpt, model.state_dict(), f"{key}={str(path)!r}")
+    model.load_state_dict(ckpt["model"])
+    return model
 
 
 def check_model_state(ckpt: Dict[str, Any], model_state: Dict[str, torch.Tensor], path) -> None:

@@ -118,22 +118,23 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
     root = Path(cfg.data.root).expanduser()
     if root.exists() and not root.is_dir():
         check_writable(root, "data.root")  # a file where the data should be: one line that says so
-    from vae.data import check_root  # a read-only data.root is fine when it holds every file: the data layer decides
+    from vae.data import check_source  # a read-only data.root is fine when it holds every file: the data layer decides
 
-    check_root(cfg.data)
+    check_source(cfg.data)
     from vae.tracking import check_tracker  # tracker=mlflow: installed?
 
     check_tracker(cfg.tracker)
     if output_dir is not None:
         check_writable(Path(output_dir), "hydra.run.dir")
     if check_resume and cfg.resume is not None:
-        from vae.checkpoint import check_model_state, check_optimizer_state, load_checkpoint, resume_config
-        from vae.model import CategoricalVAE
+        from vae.checkpoint import (check_model_state, check_optimizer_state, image_shape_of, load_checkpoint,
+                                    resume_config)
+        from vae.model import build_model
 
         ckpt = load_checkpoint(cfg.resume, key="resume")
         resumed = resume_config(cfg, ckpt, overrides)
         validate(resumed, check_resume=False)
-        model = CategoricalVAE(resumed.latent_dim, resumed.categorical_dim, resumed.prior)
+        model = build_model(resumed, image_shape_of(ckpt))
         check_model_state(ckpt, model.state_dict(), cfg.resume)
         check_optimizer_state(ckpt, model, cfg.resume)
 

@@ -63,10 +63,9 @@ def _train_help(*, _root_) -> str:
 
 OmegaConf.register_new_resolver("train_help", _train_help, replace=True)
 
-DATASETS = ("mnist", "fashion_mnist")
 BINARIZE = ("none", "dynamic", "static")
 PRIORS = ("uniform", "learned")
-SOURCES = ("local", "torchvision", "registry", "system")
+SOURCES = ("local", "torchvision", "registry", "system", "synthetic")
 ESTIMATORS = ("gumbel", "st_gumbel", "st", "annealed_st", "sf", "rloo", "muprop", "gumbel_rao", "reinmax", "exact")
 
 
@@ -85,6 +84,24 @@ class DataConfig:
     # Static binarization is a property of the dataset, not of a run: its seed is separate from `seed`
     # so that runs with different seeds are scored on the same binary test set.
     binarize_seed: int = 0
+    # data=array | data=folder: the .npy/.npz file or the folder of images (vae/data/arrays.py).
+    path: Optional[str] = None
+    # The name the dataset is shown under (null = MNIST, Fashion-MNIST, or your file's or folder's name).
+    title: Optional[str] = None
+    # Images held out of the training set for model selection (best.pt) and the val/* curves: a fraction below 1,
+    # else a count; 0 = none (best.pt then follows the test loss, as before this split existed).
+    val_size: float = 5000
+    # Your own data without a test split: the part drawn as the test set (a fraction below 1, else a count).
+    test_size: float = 0.1
+    # Seeds the validation (and own-data test) draw: like binarize_seed, a property of the data, not of a run.
+    split_seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    # mlp (the default: Jang et al.'s network) | conv (vae/model.py; configs/model/).
+    name: str = "mlp"
+    hidden: List[int] = field(default_factory=lambda: [512, 256])
 
 
 @dataclass
@@ -116,7 +133,7 @@ class EvalConfig:
     batch_size: int = 1000
     # A latent variable counts as active (latents/active) when its mean KL exceeds this many nats per image.
     active_kl: float = 0.01
-    # Latent variables (those of highest KL) shown as rows of the latents/traversal image.
+    # Latent variables (those of highest KL) shown as rows of the latents/traversal and latents/class_means images.
     traversal_rows: int = 10
 
 
@@ -153,10 +170,14 @@ class Config:
     # CPU threads for PyTorch (null = its default, one per core).
     threads: Optional[int] = None
     log_interval: int = 100
+    # train/grad_snr (vae/snr.py) every this many steps, from snr_samples gradient estimates (0 = off).
+    snr_interval: int = 0
+    snr_samples: int = 16
     recon_images: int = 8
     prior_samples: int = 64
     resume: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     tracker: TrackerConfig = field(default_factory=TrackerConfig)
@@ -165,10 +186,11 @@ class Config:
 ConfigStore.instance().store(name="base_config", node=Config)
 
 # Settings that fix the shapes of the parameters: a checkpoint only fits a model built with the same ones.
-ARCHITECTURE_KEYS = ("latent_dim", "categorical_dim", "prior")
+ARCHITECTURE_KEYS = ("latent_dim", "categorical_dim", "prior", "model.name", "model.hidden")
 # Settings that decide which images a run trains and is tested on: a resumed run keeps them (its test losses, and
 # the choice of best.pt, compare losses on its own data). data.root and the sources only say where the files are.
-DATA_KEYS = ("data.name", "data.binarize", "data.binarize_seed")
+DATA_KEYS = ("data.name", "data.path", "data.binarize", "data.binarize_seed", "data.val_size", "data.test_size",
+             "data.split_seed")
 
 SEED_LIMIT = 2**63  # torch's generators take a 64-bit seed; [0, 2^63) is what every platform reads the same way
 # latent_dim x categorical_dim: the two layers that touch the code have 256 weights per unit each (with Adam's
@@ -208,6 +230,34 @@ def check_optimizer(opt: DictConfig) -> None:
           "optimizer.weight_decay", opt.weight_decay, "must be a number >= 0")
 
 
+def check_fraction_or_count(key: str, value: Any, zero_ok: bool) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (value >= 0 if zero_ok else value > 0) and \
+        (value < 1 or float(value).is_integer())
+    check(ok, key, value, f"a fraction in (0, 1) or a whole count{' (0 = none)' if zero_ok else ''}")
+
+
+def check_data(data: DictConfig) -> None:
+    from vae.data import DATASET_NAMES, OWN_DATA
+
+    check(data.name in DATASET_NAMES, "data.name", data.name,
+          f"one of {', '.join(DATASET_NAMES)} (choose with data={'|'.join(DATASET_NAMES)})")
+    if data.name in OWN_DATA and (OmegaConf.is_missing(data, "path") or not data.path):
+        raise UserError(f"data={data.name} reads {OWN_DATA[data.name]}: add data.path=<path>")
+    check_fraction_or_count("data.val_size", data.val_size, zero_ok=True)
+    check_fraction_or_count("data.test_size", data.test_size, zero_ok=False)
+    check_seed(data.split_seed, "data.split_seed")
+
+
+def check_model(model: DictConfig) -> None:
+    from vae.model import MODELS
+
+    check(model.name in MODELS, "model.name", model.name, f"one of {', '.join(MODELS)} (choose with "
+          f"model={'|'.join(MODELS)})")
+    hidden = list(model.hidden)
+    check(1 <= len(hidden) <= 8 and all(isinstance(h, int) and 1 <= h <= 65536 for h in hidden), "model.hidden",
+          hidden, "a list of 1 to 8 layer widths in [1, 65536], e.g. model.hidden=[512,256]")
+
+
 def validate_ranges(cfg: DictConfig) -> None:
     """Range checks on the values alone (no file system, no devices)."""
     def finite(v: float) -> bool:
@@ -235,14 +285,16 @@ def validate_ranges(cfg: DictConfig) -> None:
     check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
     check(cfg.compile_min_steps >= 0, "compile_min_steps", cfg.compile_min_steps, "must be an integer >= 0")
     check(cfg.log_interval >= 1, "log_interval", cfg.log_interval, "must be an integer >= 1 (steps)")
+    check(cfg.snr_interval >= 0, "snr_interval", cfg.snr_interval, "must be an integer >= 0 (steps; 0 = off)")
+    check(cfg.snr_samples >= 2, "snr_samples", cfg.snr_samples, "must be an integer >= 2 (a spread needs two)")
     check(1 <= cfg.recon_images <= MAX_IMAGES, "recon_images", cfg.recon_images,
           f"must be an integer in [1, {MAX_IMAGES}] (images in a grid)")
     check(1 <= cfg.prior_samples <= MAX_IMAGES, "prior_samples", cfg.prior_samples,
           f"must be an integer in [1, {MAX_IMAGES}] (images in a grid)")
     check(cfg.prior in PRIORS, "prior", cfg.prior, f"one of {', '.join(PRIORS)}")
     check_device_name(cfg.device)
-    check(cfg.data.name in DATASETS, "data.name", cfg.data.name,
-           f"one of {', '.join(DATASETS)} (choose with data=mnist or data=fashion_mnist)")
+    check_data(cfg.data)
+    check_model(cfg.model)
     check(cfg.data.binarize in BINARIZE, "data.binarize", cfg.data.binarize, f"one of {', '.join(BINARIZE)}")
     check_seed(cfg.data.binarize_seed, "data.binarize_seed")
     bad = [s for s in cfg.data.sources if s not in SOURCES]

@@ -6,9 +6,12 @@
 Reports the relaxed -ELBO at the checkpoint's temperature (what training optimised), the discrete -ELBO
 (one-hot z ~ q(z|x), analytic KL), the k-sample importance-weighted bound (Burda et al. 2016; k = 1000 as
 in Jang et al. 2017) and how the latent code is used (vae/latents.py: active variables, perplexity,
-confidence). Writes, beside the checkpoint: <stem>.metrics.json, <stem>.prior_samples.png,
-<stem>.reconstructions.png and <stem>.traversal.png. Settings: configs/evaluate.yaml (schema `EvaluateConfig`
-below).
+confidence). Writes, beside the checkpoint: <stem>.metrics.json and the pictures of vae/pictures.py,
+<stem>.prior_samples.png, <stem>.reconstructions.png, <stem>.traversal.png, <stem>.usage.png and
+<stem>.class_means.png. Settings: configs/evaluate.yaml (schema `EvaluateConfig` below).
+
+When the output is not a terminal (a log file, a batch job) there is no progress bar: a log line per tenth of the IW
+bound says how far it is instead.
 
 Hydra writes nothing of its own here (`hydra.output_subdir: null`, `hydra.run.dir: .`, no log file): every
 output belongs to a checkpoint and goes beside it, so evaluating twice never litters `outputs/`.
@@ -16,12 +19,13 @@ output belongs to a checkpoint and goes beside it, so evaluating twice never lit
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Callable, Dict, Optional
 
 import hydra
 import torch
@@ -31,14 +35,16 @@ from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
 from vae import latents, metrics
-from vae.atomic import atomic_write, atomic_write_text
+from vae.atomic import atomic_write_text
 from vae.checkpoint import check_model_state, load_checkpoint
-from vae.checks import check_iw_memory, check_writable, resolve_device
+from vae.checks import check_iw_memory, check_threads, check_writable, resolve_device
 from vae.config import CONFIG_DIR, MAX_IMAGES, DataConfig, check, check_device_name, check_seed
 from vae.device_data import DeviceSplit, make_splits
 from vae.errors import UserError, entry_point, memory_hint
-from vae.gumbel import sample_categorical
+from vae.gumbel import sample_gumbel
 from vae.model import CategoricalVAE
+
+log = logging.getLogger("evaluate")
 
 
 @dataclass
@@ -55,6 +61,8 @@ class EvaluateConfig:
     traversal_rows: int = 10
     active_kl: float = latents.ACTIVE_KL
     data_root: Optional[str] = None
+    # CPU threads for PyTorch (null = its default, one per core).
+    threads: Optional[int] = None
     # Flush subnormal floats to zero on the CPU (null = on for CPU runs), as in training.
     flush_denormal: Optional[bool] = None
 
@@ -85,18 +93,15 @@ def validate(cfg: DictConfig) -> None:
         check(cfg[key] <= MAX_IMAGES, key, cfg[key], f"must be an integer in [1, {MAX_IMAGES}] (images in a grid)")
     check_seed(cfg.seed)
     check_device_name(cfg.device)
+    check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
+    check_threads(cfg.threads)
 
 
 def build_model(ckpt: Dict[str, Any], path: Path) -> CategoricalVAE:
-    c = ckpt["config"]
-    try:
-        model = CategoricalVAE(c["latent_dim"], c["categorical_dim"], c.get("prior", "uniform"))
-    except (KeyError, TypeError) as e:
-        raise UserError(f"checkpoint={str(path)!r}: its config does not describe a model ({type(e).__name__}: "
-                        f"{e}); pass a last.pt or best.pt written by train.py") from e
-    check_model_state(ckpt, model.state_dict(), f"checkpoint={str(path)!r}")
-    model.load_state_dict(ckpt["model"])
-    return model
+    """The checkpoint's model with its weights (vae.checkpoint.model_from_checkpoint)."""
+    from vae.checkpoint import model_from_checkpoint
+
+    return model_from_checkpoint(ckpt, path)
 
 
 def data_config(ckpt: Dict[str, Any], path: Path, data_root: Optional[str]) -> DictConfig:
@@ -113,51 +118,63 @@ def data_config(ckpt: Dict[str, Any], path: Path, data_root: Optional[str]) -> D
 
 
 def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
-    """The test split as the model should be scored on it: one fixed binary draw for static and dynamic."""
-    from vae.data import load_splits  # imported here so `--help` and config errors don't need the data module
+    """The test split as the model should be scored on it (vae.device_data.scoring_test_split)."""
+    from vae.device_data import scoring_test_split
 
-    if data_cfg.binarize == "static":
-        # The same draw as in training: make_splits draws train, then test, from one seeded generator.
-        (train_images, _), (test_images, _) = load_splits(data_cfg, ("train", "test"))
-        _, test = make_splits(train_images, test_images, device, "static", data_cfg.binarize_seed)
-        return test
-    (test_images, _), = load_splits(data_cfg, ("test",))
-    if data_cfg.binarize == "dynamic":
-        # All three metrics must score the same binary images, and checkpoints of different runs the same
-        # ones too, so draw once, seeded by the dataset's binarize_seed. A {0, 255} uint8 image read as
-        # grayscale ("none") is exactly 0.0 / 1.0.
-        gen = torch.Generator().manual_seed(data_cfg.binarize_seed)
-        binary = torch.bernoulli(test_images.float().div_(255), generator=gen).mul_(255).to(torch.uint8)
-        return DeviceSplit(binary, device, "none")
-    return DeviceSplit(test_images, device, data_cfg.binarize)
+    return scoring_test_split(data_cfg, device)
 
 
 @torch.no_grad()
 def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, generator: torch.Generator,
-                prefix: Path, kl_per_variable: torch.Tensor) -> Dict[str, str]:
-    """Prior samples (Bernoulli means, i.e. sigmoid of the logits) and test digits above their
-    reconstructions, both decoded from one-hot codes: the discrete model the test bounds score. The traversal
-    varies the first of those digits' argmax code, one top-KL variable per row (latents.traversal_grid)."""
-    from torchvision.utils import save_image  # torchvision takes seconds to import: not on the error paths
+                prefix: Path, stats: Dict[str, Any]) -> Dict[str, str]:
+    """The pictures of vae/pictures.py, as TensorBoard shows them, each as <stem>.<name>.png: prior samples,
+    the first test digits above their reconstructions, the traversal of the first of them, the usage map and
+    the class means."""
+    from vae import pictures
 
     log_prior = model.log_prior()
-    z = sample_categorical(log_prior.expand(cfg.prior_samples, *log_prior.shape), generator=generator)
-    prior = torch.sigmoid(model.decode(z)).view(-1, 1, 28, 28).cpu()
-
-    n = min(cfg.recon_images, test.n)
-    x = test.batch(torch.arange(n, device=test.device))
-    z = sample_categorical(model.encode(x), generator=generator)
-    recon = torch.sigmoid(model.decode(z))
-    pairs = torch.cat([x, recon]).view(-1, 1, 28, 28).cpu()
-    traversal = latents.traversal_grid(model, x[0], kl_per_variable, max_rows=cfg.traversal_rows)
-
-    paths = {"prior_samples": prefix.with_name(prefix.name + ".prior_samples.png"),
-             "reconstructions": prefix.with_name(prefix.name + ".reconstructions.png"),
-             "traversal": prefix.with_name(prefix.name + ".traversal.png")}
-    atomic_write(paths["prior_samples"], lambda f: save_image(prior, f, nrow=cfg.prior_nrow, format="png"), "image")
-    atomic_write(paths["reconstructions"], lambda f: save_image(pairs, f, nrow=n, format="png"), "image")
-    atomic_write(paths["traversal"], lambda f: save_image(traversal, f, format="png"), "image")
+    noise = sample_gumbel((cfg.prior_samples, *log_prior.shape), generator=generator, device=log_prior.device)
+    x = test.batch(torch.arange(min(cfg.recon_images, test.n), device=test.device))
+    drawn = {"prior_samples": pictures.prior_grid(model, noise, nrow=cfg.prior_nrow),
+             "reconstructions": pictures.reconstruction_grid(model, x),
+             **pictures.latent_pictures(model, x[0], stats, max_rows=cfg.traversal_rows)}
+    paths = {}
+    for name, picture in drawn.items():
+        paths[name] = prefix.with_name(f"{prefix.name}.{name}.png")
+        pictures.save_png(picture, paths[name])
     return {k: str(v) for k, v in paths.items()}
+
+
+def run_settings(c: Dict[str, Any]) -> Dict[str, Any]:
+    """The settings that identify the run a checkpoint comes from (those its config has: older checkpoints lack
+    some), for the JSON: which estimator, seed and optimizer produced these numbers."""
+    settings = {"estimator": "st_gumbel" if c.get("hard") else c.get("estimator", "gumbel")}
+    for key in ("estimator_samples", "seed", "lr"):
+        if c.get(key) is not None:
+            settings[key] = c[key]
+    optimizer = c.get("optimizer")
+    if isinstance(optimizer, dict) and optimizer.get("name") is not None:
+        settings["optimizer"] = optimizer["name"]
+    data = c.get("data")
+    if isinstance(data, dict) and data.get("name") is not None:
+        settings["data"] = data["name"]
+    return settings
+
+
+class ProgressLines:
+    """`progress(n)` for metrics.iw_bound: passes n on to `also` (a tqdm bar's update) and, when `on`, logs a line
+    each time another tenth of the `total` images is done: for output that is not a terminal, where no bar shows."""
+
+    def __init__(self, total: int, desc: str, *, on: bool, also: Callable[[int], object]):
+        self.total, self.desc, self.on, self.also = total, desc, on, also
+        self.done, self.start = 0, time.perf_counter()
+
+    def __call__(self, n: int) -> None:
+        self.also(n)
+        before, self.done = self.done, self.done + n
+        if self.on and self.done * 10 // self.total > before * 10 // self.total:
+            log.info("%s: %d/%d images (%d%%), %.1f s", self.desc, self.done, self.total,
+                     100 * self.done // self.total, time.perf_counter() - self.start)
 
 
 def format_table(result: Dict[str, Any]) -> str:
@@ -197,7 +214,7 @@ def run(cfg: DictConfig, stop) -> Dict[str, Any]:
 
     validate(cfg)
     device = resolve_device(cfg.device)
-    configure_device(device, tf32=True, flush_denormal=cfg.flush_denormal)
+    configure_device(device, tf32=True, threads=cfg.threads, flush_denormal=cfg.flush_denormal)
     path = Path(cfg.checkpoint).expanduser()
     ckpt = load_checkpoint(path, key="checkpoint", resume=False)
     # Fail before minutes of computation, not after, if the results cannot be written.
@@ -222,11 +239,12 @@ def run(cfg: DictConfig, stop) -> Dict[str, Any]:
     with memory_hint("while evaluating", sizes):
         result_metrics = metrics.evaluate_split(model, test, tau=tau, hard=hard, generator=generator(),
                                                 batch_size=cfg.batch_size)
-        with tqdm(total=test.n, desc=f"IW bound k={cfg.iw_samples}", unit="img", disable=None,
-                  dynamic_ncols=True) as bar:
+        desc = f"IW bound k={cfg.iw_samples}"
+        with tqdm(total=test.n, desc=desc, unit="img", disable=None, dynamic_ncols=True) as bar:
+            progress = ProgressLines(test.n, desc, on=not sys.stdout.isatty(), also=bar.update)
             iw = None if stop() else metrics.iw_bound(model, test, k=cfg.iw_samples, chunk=cfg.iw_chunk,
                                                       batch_size=cfg.batch_size, generator=generator(),
-                                                      progress=bar.update, should_stop=stop)
+                                                      progress=progress, should_stop=stop)
     seconds = time.perf_counter() - start
     if iw is None:  # Ctrl-C / SIGTERM: show what was computed; an earlier complete result file stays as it was
         print(format_table({"checkpoint": str(path), "epoch": ckpt["epoch"], "step": ckpt["step"], "tau": tau,
@@ -246,7 +264,7 @@ def run(cfg: DictConfig, stop) -> Dict[str, Any]:
     result = {
         "checkpoint": str(path), "epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]), "tau": tau, "hard": hard,
         "k": cfg.iw_samples, "iw_chunk": cfg.iw_chunk, "batch_size": cfg.batch_size, "seed": cfg.seed,
-        "n_images": test.n, "device": str(device),
+        "run": run_settings(c), "n_images": test.n, "device": str(device),
         "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "seconds": seconds, "metrics": result_metrics,
         "latents": {"latent_dim": model.latent_dim, "categorical_dim": model.categorical_dim,
@@ -254,7 +272,7 @@ def run(cfg: DictConfig, stop) -> Dict[str, Any]:
                     "kl_per_variable": usage["kl_per_variable"].tolist(), "active": usage["active"],
                     "active_kl": cfg.active_kl, "confidence": usage["confidence"]},
     }
-    result["images"] = save_images(model, test, cfg, generator(), prefix, usage["kl_per_variable"])
+    result["images"] = save_images(model, test, cfg, generator(), prefix, usage)
     metrics_path = prefix.with_name(prefix.name + ".metrics.json")
     atomic_write_text(metrics_path, json.dumps(result, indent=2) + "\n", "metrics")
     print(format_table(result))

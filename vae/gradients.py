@@ -1,47 +1,57 @@
-"""How far each gradient estimator's encoder gradient is from the exact one, on one fixed batch.
+"""How far each gradient estimator's encoder gradient is from the true one, on one fixed batch.
 
     python -m vae.gradients                                      # a fresh model, latent_dim=4 categorical_dim=4
     python -m vae.gradients checkpoint=outputs/<date>/<time>/checkpoints/best.pt taus=[0.5,1.0,2.0]
     python -m vae.gradients estimators=[st_gumbel,gumbel_rao] estimator_samples=100 samples=2000
+    python -m vae.gradients definition=reinmax latent_dim=4 categorical_dim=8 tau=1.3   # as Liu et al. 2023 measure
+    python -m vae.gradients checkpoint=<a 30 x 10 run>/checkpoints/last.pt              # no exact gradient: estimated
 
-For each estimator, `samples` independent estimates g of the gradient of the batch's loss with respect to the
-encoder's parameters (flattened), against the exact gradient g* from summing over all K^N codes (so K^N <= 65536):
+For each estimator, `samples` independent estimates g, compared with a reference: the exact gradient g* from
+summing over all K^N codes where K^N <= 65536, else (or with reference=rloo) the mean r of `reference_samples`
+rloo estimates, unbiased, reported with its own standard error. Two definitions (`definition=ours|reinmax|both`):
 
-    bias    |E[g] - g*| / |g*|          (E over the samples: an unbiased estimator shows about std / sqrt(samples))
-    std     sqrt(E |g - E[g]|^2) / |g*|  (the spread of one estimate)
-    cosine  E[cos(g, g*)]
+  ours (default): g the gradient of the batch's whole loss with respect to the encoder's parameters (flattened);
+    bias |E[g] - g*| / |g*|, std sqrt(E|g - E[g]|^2) / |g*|, cosine E[cos(g, g*)]; against an estimated
+    reference est_bias, est_std, est_cosine (divided by |r|) and rel_std sqrt(E|g - E[g]|^2) / |E[g]|.
+  reinmax: g the gradient of the reconstruction term alone with respect to the encoder's logits (Liu et al. 2023,
+    their mnist_vae code); reinmax_bias |E[g] - g*| / |g*|, reinmax_cos cos(E[g], g*), reinmax_rel_std
+    |per-coordinate std of g| / |E[g]| (reinmax_est_bias and reinmax_est_cos against an estimated reference).
 
-Writes <out>/gradients.json ({"exact_norm", "estimators": {name: {bias, std, cosine}}}, plus "by_tau" with several
-taus) and <out>/gradients.png, and prints a table. Settings: configs/gradients.yaml (schema `GradientsConfig`).
-Hydra writes nothing of its own. docs/estimators.md has an example.
+Writes <out>/gradients.json ({"exact_norm" or "reference", "estimators": {name: {...}}}, plus "by_tau" with several
+taus) and <out>/gradients.png, and prints a table. Before it starts, it refuses in one line what would not fit in
+memory, naming the settings that size it. Settings: configs/gradients.yaml (schema `GradientsConfig`). Hydra
+writes nothing of its own. docs/estimators.md has examples.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import re
 import time
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import hydra
 import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write, atomic_write_text
+from vae.atomic import atomic_write_text
 from vae.checks import check_writable, resolve_device
-from vae.config import CONFIG_DIR, DataConfig, check_device_name
-from vae.errors import UserError, entry_point
+from vae.config import CONFIG_DIR, MAX_CODE_UNITS, DataConfig, check_device_name
+from vae.errors import UserError, entry_point, is_out_of_memory
 from vae.estimators import MULTI_SAMPLE, NAMES, check_settings, default_samples, make_estimator
-from vae.gumbel import sample_gumbel
+from vae.estimators.exact import CHUNK, MAX_CODES
+from vae.gradient_report import draw_chart, format_table
+from vae.gradient_stats import (DECODER_UNITS, ENCODER_UNITS, copies_per_call, encoder_gram, gram_columns,
+                                kl_logits_gradient, logit_gradient_chunks, logits_gradients, ours, reference_summary,
+                                reinmax, summarize)
 from vae.model import CategoricalVAE
 
-# Images pushed through one estimator call (the batch repeated), and columns of the encoder's Gram matrix formed at
-# once (each needs a parameter-sized vector: 537,360 floats for the default architecture).
-ROWS_PER_CALL = 2048
-COLUMNS_AT_ONCE = 32
+DEFINITIONS = ("ours", "reinmax", "both")
+REFERENCES = ("auto", "exact", "rloo")
 
 
 @dataclass
@@ -56,6 +66,9 @@ class GradientsConfig:
     taus: Optional[List[float]] = None
     estimator_samples: Optional[int] = None
     baseline_decay: float = 0.9
+    definition: str = "ours"
+    reference: str = "auto"
+    reference_samples: int = 10000
     seed: int = 0
     device: str = "auto"
     out: str = "gradients"
@@ -72,9 +85,12 @@ def _one_line(key: str, value, allowed: str) -> UserError:
 
 def validate(cfg: DictConfig) -> None:
     """Range checks, one readable line each, before any file is read."""
-    for key, minimum in (("batch_size", 1), ("samples", 2), ("latent_dim", 1), ("categorical_dim", 2)):
+    for key, minimum in (("batch_size", 1), ("samples", 2), ("latent_dim", 1), ("categorical_dim", 2),
+                         ("reference_samples", 2)):
         if cfg[key] < minimum:
             raise _one_line(key, cfg[key], f"must be an integer >= {minimum}")
+    if cfg.latent_dim * cfg.categorical_dim > MAX_CODE_UNITS:
+        raise _one_line("latent_dim", cfg.latent_dim, f"latent_dim x categorical_dim must be at most {MAX_CODE_UNITS}")
     unknown = [n for n in cfg.estimators if n not in NAMES]
     if unknown or not cfg.estimators:
         raise _one_line("estimators", list(cfg.estimators), f"a non-empty list drawn from {', '.join(NAMES)}")
@@ -83,6 +99,9 @@ def validate(cfg: DictConfig) -> None:
             raise _one_line("taus" if cfg.taus else "tau", tau, "every temperature must be a number > 0")
     for name in cfg.estimators:
         check_settings(name, samples_for(cfg, name), 1, 2, cfg.baseline_decay)
+    for key, allowed in (("definition", DEFINITIONS), ("reference", REFERENCES)):
+        if cfg[key] not in allowed:
+            raise _one_line(key, cfg[key], f"one of {', '.join(allowed)}")
     check_device_name(cfg.device)
 
 
@@ -99,92 +118,136 @@ def samples_for(cfg: DictConfig, name: str) -> int:
     return default_samples(name)
 
 
-class _GivenLogits:
-    """The model with its encoder's output replaced by a given tensor, so that one backward pass through an estimator
-    gives the gradient with respect to the logits of every copy of the batch separately."""
-
-    def __init__(self, model, logits):
-        self.model, self.logits = model, logits
-
-    def encode(self, x):
-        return self.logits
-
-    def decode(self, z):
-        return self.model.decode(z)
-
-    def log_prior(self):
-        return self.model.log_prior()
+def resolve_reference(cfg: DictConfig, model) -> str:
+    """exact or rloo for this model: auto is exact where the K^N codes can be summed over."""
+    K, N = model.categorical_dim, model.latent_dim
+    if "exact" in cfg.estimators:
+        check_settings("exact", 1, N, K, cfg.baseline_decay)
+    if cfg.reference == "exact" and K ** N > MAX_CODES:
+        raise UserError(f"reference=exact sums over K^N = {K}^{N} codes, more than {MAX_CODES}: use reference=auto "
+                        "or reference=rloo (a many-sample estimate, reported with its standard error), or a model "
+                        f"with K^N <= {MAX_CODES}")
+    if cfg.reference == "auto":
+        return "exact" if K ** N <= MAX_CODES else "rloo"
+    return cfg.reference
 
 
-def logits_gradients(model, x, estimator, tau: torch.Tensor, generator, samples: int) -> torch.Tensor:
-    """`samples` estimates of d(batch-mean surrogate)/d(logits of the batch), [samples, B*N*K].
+# -- memory ---------------------------------------------------------------------------------------------------------
 
-    The batch is repeated r times in one estimator call, each copy with its own noise, and one backward pass gives
-    the gradient with respect to each copy's logits.
-    """
-    logits = model.encode(x).detach()
-    B, N, K = logits.shape
-    per_call = max(1, ROWS_PER_CALL // B)
-    estimates = []
-    for start in range(0, samples, per_call):
-        r = min(per_call, samples - start)
-        copies = logits.repeat(r, 1, 1).requires_grad_()
-        noise = sample_gumbel(estimator.noise_shape(r * B, N, K), generator=generator, device=x.device)
-        surrogate = estimator.batch_loss(_GivenLogits(model, copies), x.repeat(r, 1), noise, tau)[0]
-        (delta,) = torch.autograd.grad(surrogate, copies)
-        estimates.append(delta.reshape(r, B * N * K) * r)  # the surrogate averages r*B images, one estimate B
-    return torch.cat(estimates)
+def _size(n: float) -> str:
+    return f"{n / 1e9:.1f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
 
 
-def encoder_gram(model, x) -> torch.Tensor:
-    """M = J J^T, J = d(logits of the batch)/d(encoder parameters) [B*N*K, P], in float64.
-
-    An estimate's encoder gradient is g = J^T delta, delta its gradient with respect to the logits, and every number
-    reported is made of inner products g.h = delta^T M eta: with M in hand, no parameter-sized vector is formed per
-    estimate. Column by column, M e = J (J^T e): a vector-Jacobian product, then a Jacobian-vector product.
-    """
-    params = {k: v.detach() for k, v in model.encoder.named_parameters()}
-
-    def logits_of(p):  # model.encode(x), flattened, as a function of the encoder's parameters
-        return torch.func.functional_call(model.encoder, p, (x,)).flatten()
-
-    _, vjp = torch.func.vjp(logits_of, params)
-
-    def column(e):
-        (v,) = vjp(e)
-        return torch.func.jvp(logits_of, (params,), (v,))[1]
-
-    eye = torch.eye(logits_of(params).numel(), device=x.device)
-    with warnings.catch_warnings():  # torch.func.jvp uses torch.jit.script internally, and torch 2.14 warns about it
-        warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*", category=FutureWarning)
-        return torch.cat([torch.func.vmap(column)(block) for block in eye.split(COLUMNS_AT_ONCE)]).double()
+def free_bytes(device: torch.device) -> Optional[int]:
+    """Memory that can still be allocated on `device` (the cgroup's limit counts too), or None if unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    free = []
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/meminfo") as f:
+            free += [int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:")]
+    with contextlib.suppress(OSError, ValueError):  # a container's limit (cgroup v2), which /proc/meminfo ignores
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            free.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
+    return min(free) if free else None
 
 
-def compare(estimates: torch.Tensor, exact: torch.Tensor, gram: torch.Tensor) -> Dict[str, float]:
-    """bias, std and cosine of the encoder gradients J^T delta of the estimates delta [S, D] against J^T delta*."""
-    d, d_star = estimates.double(), exact.double()
+def allocations(model, batch_size: int, names: List[str], reference: str, want_ours: bool,
+                cfg: DictConfig) -> Tuple[Tuple[int, str, str], List[Tuple[int, str, str]]]:
+    """What `measure` allocates, from the shapes alone (an estimate to within a small factor), each as (bytes, what,
+    the settings that size it): the Gram matrix, held throughout, and the largest allocations of each step."""
+    B, N, K = batch_size, model.latent_dim, model.categorical_dim
+    D, P = B * N * K, sum(p.numel() for p in model.encoder.parameters())
+    code = f"batch_size={B} (with the code, latent_dim x categorical_dim = {N} x {K})"
+    held = (8 * D * D if want_ours else 0, f"the encoder's Gram matrix over the batch's {D} logits",
+            f"batch_size={B} (the matrix grows with its square; definition=reinmax needs none)")
+    steps = [(4 * B * (784 + 3 * N * K), "the batch", code)]
+    if want_ours:
+        steps.append((gram_columns(B, P) * 4 * (2 * P + 4 * B * ENCODER_UNITS), "forming the Gram matrix", code))
+    if reference == "exact":
+        steps.append((4 * (K ** N * N * K + 8 * B * CHUNK + 6 * CHUNK * DECODER_UNITS),
+                       f"the exact gradient over {K}^{N} codes", code))
+    for name in dict.fromkeys([*names, *(["rloo"] if reference == "rloo" else [])]):
+        if name == "exact":
+            continue
+        k = samples_for(cfg, name) if name in names else default_samples(name)
+        draws = k if name in MULTI_SAMPLE else 1
+        r = copies_per_call(B, draws)
+        decoded = r * B * (k if name == "rloo" else 1)
+        where = f"estimator_samples={k} and batch_size={B}" if name in MULTI_SAMPLE else code
+        steps.append((4 * (6 * decoded * DECODER_UNITS + 12 * r * B * draws * N * K) + 32 * r * D,
+                      f"one call of {name} ({r} x {B} images x {k} samples)", where))
+    return held, steps
 
-    def norm(v):  # |J^T v| for each row of v; rounding can leave a quadratic form a hair below zero
-        return ((v @ gram) * v).sum(dim=-1).clamp_min(0).sqrt()
 
-    exact_norm = norm(d_star)
-    mean = d.mean(dim=0)
-    bias = norm(mean - d_star) / exact_norm
-    std = (norm(d - mean) ** 2).sum().div(len(d) - 1).sqrt() / exact_norm
-    cosine = (d @ gram @ d_star / (norm(d) * exact_norm).clamp_min(torch.finfo(d.dtype).tiny)).mean()
-    return {"bias": bias.item(), "std": std.item(), "cosine": cosine.item()}
+def check_memory(model, batch_size: int, names: List[str], reference: str, want_ours: bool, cfg: DictConfig,
+                 device: torch.device) -> None:
+    """Refuse, before any work, what would not fit: one line naming the settings that size the largest part."""
+    held, steps = allocations(model, batch_size, names, reference, want_ours, cfg)
+    peak = max(steps)
+    free = free_bytes(device)
+    if free is None or held[0] + peak[0] <= free:
+        return
+    _, what, settings = max(held, peak)
+    raise UserError(f"vae.gradients would need about {_size(held[0] + peak[0])} on {device} but {_size(free)} is "
+                    f"free, most of it for {what}: lower {settings}")
 
 
-def measure(model, x, names: List[str], taus: List[float], cfg: DictConfig) -> Dict:
-    """{"exact_norm", "estimators"} for the first tau, and "by_tau" {tau: {"estimators"}} when there are several."""
-    device = x.device
-    gram = encoder_gram(model, x)
-    exact_est = make_estimator("exact", samples=1, baseline_decay=cfg.baseline_decay, device=device)
-    exact = logits_gradients(model, x, exact_est, torch.ones((), device=device), None, 1)[0]
-    exact_norm = (exact.double() @ gram @ exact.double()).clamp_min(0).sqrt().item()
-    if exact_norm == 0:
-        raise UserError("the exact encoder gradient of this batch is zero: nothing to compare with; "
-                        "choose another checkpoint, seed or batch_size")
+@contextlib.contextmanager
+def out_of_memory(what: str, settings: str):
+    """An allocation that fails anyway (the estimate is rough; memory is shared) becomes one line naming `settings`,
+    and the size asked for, whole."""
+    try:
+        yield
+    except Exception as e:
+        if not (isinstance(e, MemoryError) or is_out_of_memory(e)):
+            raise
+        asked = re.search(r"allocate ([\d.]+) ?(bytes|[KMGT]i?B)", str(e), re.IGNORECASE)
+        size = ""
+        if asked:
+            size = f" of {_size(float(asked.group(1)))}" if asked.group(2) == "bytes" else f" of {asked.group(1)} " \
+                f"{asked.group(2)}"
+        raise UserError(f"out of memory {what} (an allocation{size} failed); its size grows with {settings}: "
+                        "lower them") from None
+
+
+# -- measuring ------------------------------------------------------------------------------------------------------
+
+def measure(model, x, names: List[str], taus: List[float], cfg: DictConfig, reference: str = "exact") -> Dict:
+    """{"exact_norm" (ours) / "reinmax_exact_norm" (reinmax) or "reference" (estimated), "estimators"} for the first
+    tau, and "by_tau" {tau: {"estimators"}} when there are several."""
+    device, B = x.device, len(x)
+    want_ours, want_reinmax = cfg.definition in ("ours", "both"), cfg.definition in ("reinmax", "both")
+    code = f"batch_size={B} (with the code, {model.latent_dim} x {model.categorical_dim})"
+    with out_of_memory("forming the encoder's Gram matrix", f"{code}; definition=reinmax needs none"):
+        gram = encoder_gram(model, x) if want_ours else None
+    kl_grad = kl_logits_gradient(model, x).double()
+    result: Dict = {}
+    with out_of_memory(f"computing the {reference} reference", code):
+        if reference == "exact":
+            exact_est = make_estimator("exact", samples=1, baseline_decay=cfg.baseline_decay, device=device)
+            ref = logits_gradients(model, x, exact_est, torch.ones((), device=device), None, 1)[0].double()
+            se = None
+            if want_ours:
+                result["exact_norm"] = (ref @ gram @ ref).clamp_min(0).sqrt().item()
+            if want_reinmax:
+                result["reinmax_exact_norm"] = (ref - kl_grad).norm().item()
+        else:  # the mean of many rloo estimates, from a stream of its own (a measured rloo must not share its noise)
+            est = make_estimator("rloo", samples=None, baseline_decay=cfg.baseline_decay, device=device)
+            seed = torch.randint(2**62, (1,), generator=torch.Generator().manual_seed(cfg.seed)).item()
+            chunks = logit_gradient_chunks(model, x, est, torch.ones((), device=device),
+                                           torch.Generator(device=device).manual_seed(seed), cfg.reference_samples)
+            moments = summarize(chunks, gram)
+            ref, result["reference"] = moments.mean, reference_summary(moments, kl_grad, "rloo")
+            se = result["reference"]
+    for wanted, key, what in ((want_ours, "norm", ""), (want_reinmax, "reinmax_norm", " of the reconstruction term")):
+        norm = (se or {}).get(key, result.get(key.replace("norm", "exact_norm")))
+        if wanted and norm == 0:
+            raise UserError(f"the {'estimated' if se else 'exact'} encoder gradient{what} on this batch is zero: "
+                            "nothing to compare with; choose another checkpoint, seed or batch_size")
+    if cfg.definition != "ours":
+        result["definition"] = cfg.definition
     by_tau: Dict[float, Dict[str, Dict[str, float]]] = {}
     for tau in taus:
         by_tau[tau] = {}
@@ -196,91 +259,48 @@ def measure(model, x, names: List[str], taus: List[float], cfg: DictConfig) -> D
                 continue
             # One fresh generator per estimator: its numbers do not depend on which others are measured.
             generator = torch.Generator(device=device).manual_seed(cfg.seed)
-            estimates = logits_gradients(model, x, est, torch.tensor(tau, device=device), generator, cfg.samples)
-            by_tau[tau][name] = compare(estimates, exact, gram)
-    result = {"exact_norm": exact_norm, "estimators": by_tau[taus[0]]}
+            where = f"estimator_samples={samples_for(cfg, name)} and {code}" if name in MULTI_SAMPLE else code
+            with out_of_memory(f"measuring {name}", where):
+                chunks = logit_gradient_chunks(model, x, est, torch.tensor(tau, device=device), generator,
+                                               cfg.samples)
+                moments = summarize(chunks, gram, ref if want_ours else None)
+            stats: Dict[str, float] = {}
+            if want_ours:
+                stats.update(ours(moments, ref, None if se is None else se["rel_se"]))
+            if want_reinmax:
+                stats.update(reinmax(moments, ref, kl_grad, None if se is None else se["reinmax_rel_se"]))
+            by_tau[tau][name] = stats
+    result["estimators"] = by_tau[taus[0]]
     if len(taus) > 1:
         result["by_tau"] = {f"{tau:g}": {"estimators": by_tau[tau]} for tau in taus}
     return result
 
 
-def format_table(result: Dict, taus: List[float], samples: int) -> str:
-    """One row per estimator (and tau); `noise` is std / sqrt(samples), the bias an unbiased estimator shows."""
-    rows = result.get("by_tau") or {f"{taus[0]:g}": {"estimators": result["estimators"]}}
-    lines = [f"encoder gradient vs exact (|g*| = {result['exact_norm']:.4g}), {samples} estimates each",
-             f"{'estimator':<12} {'tau':>5} {'bias':>9} {'noise':>9} {'std':>9} {'cosine':>7}"]
-    for tau, entry in rows.items():
-        for name, s in entry["estimators"].items():
-            noise = s["std"] / math.sqrt(samples)
-            lines.append(f"{name:<12} {tau:>5} {s['bias']:9.4f} {noise:9.4f} {s['std']:9.4f} {s['cosine']:7.3f}")
-    return "\n".join(lines)
-
-
-def load_model_and_batch(cfg: DictConfig, device: torch.device):
-    """The checkpoint's model and its run's test set, or a fresh model and the `data` settings' test set; the first
-    `batch_size` test images as evaluation binarizes them."""
-    from vae.evaluate import build_model, data_config, load_test_split  # the checkpoint route of vae.evaluate
+def load_model(cfg: DictConfig):
+    """(model, data settings of its test set, its temperature): the checkpoint's, or a fresh model of the settings'
+    shape initialised with `seed` and the `data` settings."""
+    from vae.evaluate import build_model, data_config  # the checkpoint route of vae.evaluate
 
     if cfg.checkpoint:
         from vae.checkpoint import load_checkpoint
 
         path = Path(cfg.checkpoint).expanduser()
         ckpt = load_checkpoint(path, key="checkpoint", resume=False)  # scoring needs the weights and config only
-        model = build_model(ckpt, path)
-        check_settings("exact", 1, model.latent_dim, model.categorical_dim, cfg.baseline_decay)
-        data_cfg, tau = data_config(ckpt, path, cfg.data_root), float(ckpt["tau"])
-    else:
-        check_settings("exact", 1, cfg.latent_dim, cfg.categorical_dim, cfg.baseline_decay)
-        torch.manual_seed(cfg.seed)
-        model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim)
-        data_cfg, tau = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data), 1.0
-        if cfg.data_root is not None:
-            data_cfg.root = cfg.data_root
+        return build_model(ckpt, path), data_config(ckpt, path, cfg.data_root), float(ckpt["tau"])
+    torch.manual_seed(cfg.seed)
+    model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim)
+    data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), cfg.data)
+    if cfg.data_root is not None:
+        data_cfg.root = cfg.data_root
+    return model, data_cfg, 1.0
+
+
+def load_batch(cfg: DictConfig, data_cfg: DictConfig, device: torch.device) -> torch.Tensor:
+    """The first `batch_size` test images, as evaluation binarizes them."""
+    from vae.evaluate import load_test_split
+
     test = load_test_split(data_cfg, device)
-    x = test.batch(torch.arange(min(cfg.batch_size, test.n), device=device))
-    return model.to(device), x, tau
-
-
-def draw_chart(result: Dict, taus: List[float], samples: int, path: Path, title: str) -> None:
-    """Bias and std per estimator as bars on a log scale (1e-3 .. 1e2 of |g*|), cosine as a number; the black tick on
-    a bias bar is std / sqrt(samples), the bias an unbiased estimator shows. Drawn with PIL (already there with
-    torchvision): one small chart is not worth a plotting library as a dependency."""
-    from PIL import Image, ImageDraw
-
-    rows = [(f"{name} (tau={tau})" if len(taus) > 1 else name, s)
-            for tau, entry in (result.get("by_tau") or {"": {"estimators": result["estimators"]}}).items()
-            for name, s in entry["estimators"].items()]
-    left, panel, gap, row_h, top = 170, 300, 40, 18, 40
-    width, height = left + 2 * panel + gap + 90, top + row_h * len(rows) + 30
-    image = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(image)
-    draw.text((8, 6), title, fill="black")
-    lo, hi = -3, 2
-
-    def x_of(value: float, x0: int) -> int:
-        v = math.log10(max(value, 10.0 ** lo))
-        return x0 + int((panel - 1) * (min(v, hi) - lo) / (hi - lo))
-
-    for i, (key, colour) in enumerate((("bias", (200, 60, 40)), ("std", (40, 90, 200)))):
-        x0 = left + i * (panel + gap)
-        draw.text((x0, top - 16), f"{key} / |g*| (log scale)", fill="black")
-        for decade in range(lo, hi + 1):
-            x = x_of(10.0 ** decade, x0)
-            draw.line([(x, top), (x, height - 24)], fill=(215, 215, 215))
-            draw.text((x - 10, height - 20), f"1e{decade}", fill="gray")
-        for r, (_, s) in enumerate(rows):
-            y = top + r * row_h
-            draw.rectangle([x0, y + 3, max(x0 + 1, x_of(s[key], x0)), y + row_h - 3], fill=colour)
-            if key == "bias":
-                tick = x_of(s["std"] / math.sqrt(samples), x0)
-                draw.line([(tick, y + 1), (tick, y + row_h - 1)], fill="black", width=2)
-    x_cos = left + 2 * panel + gap + 20
-    draw.text((x_cos, top - 16), "cosine", fill="black")
-    for r, (label, s) in enumerate(rows):
-        y = top + r * row_h
-        draw.text((8, y + 3), label, fill="black")
-        draw.text((x_cos, y + 3), f"{s['cosine']:.3f}", fill="black")
-    atomic_write(path, lambda f: image.save(f, format="png"))
+    return test.batch(torch.arange(min(cfg.batch_size, test.n), device=device))
 
 
 def run(cfg: DictConfig) -> Dict:
@@ -292,16 +312,23 @@ def run(cfg: DictConfig) -> Dict:
     configure_device(device, tf32=False)
     out = Path(cfg.out).expanduser()
     check_writable(out, "out")
-    model, x, default_tau = load_model_and_batch(cfg, device)
+    model, data_cfg, default_tau = load_model(cfg)
+    reference = resolve_reference(cfg, model)
+    names = list(cfg.estimators)
+    x = load_batch(cfg, data_cfg, device)
+    check_memory(model, len(x), names, reference, cfg.definition != "reinmax", cfg, device)
+    model = model.to(device)
     taus = taus_of(cfg, default_tau)
     start = time.perf_counter()
-    result = measure(model, x, list(cfg.estimators), taus, cfg)
+    result = measure(model, x, names, taus, cfg, reference)
     seconds = time.perf_counter() - start
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "gradients.json", json.dumps(result, indent=2) + "\n")
     source = cfg.checkpoint or f"fresh model, latent_dim={cfg.latent_dim} categorical_dim={cfg.categorical_dim}"
-    draw_chart(result, taus, cfg.samples, out / "gradients.png",
-               f"{source}: {len(x)} images, {cfg.samples} estimates each, tau={','.join(f'{t:g}' for t in taus)}")
+    ref = result.get("reference")
+    against = f", vs an ESTIMATED reference ({ref['estimates']} {ref['estimator']} estimates)" if ref else ""
+    draw_chart(result, taus, cfg.samples, out / "gradients.png", f"{source}: {len(x)} images, {cfg.samples} "
+               f"estimates each, tau={','.join(f'{t:g}' for t in taus)}{against}")
     print(format_table(result, taus, cfg.samples))
     print(f"{len(x)} images, {model.categorical_dim}^{model.latent_dim} codes, on {device}, {seconds:.1f} s")
     print(f"wrote {out / 'gradients.json'} and {out / 'gradients.png'}")

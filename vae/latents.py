@@ -1,11 +1,13 @@
-"""What the categorical latents are doing: code usage on the test set, a latent traversal, their TensorBoard tags.
+"""What the categorical latents are doing: code usage on the test set and its TensorBoard tags (the pictures of the
+code are drawn by vae/pictures.py).
 
 For N variables of K classes and q(z_n|x) the encoder's posterior:
 
-    aggregate posterior   q̄(z_n) = mean_x q(z_n|x)
+    aggregate posterior   q̄(z_n) = mean_x q(z_n|x)                    (the usage map: a row per variable)
     perplexity_n          = exp(H[q̄(z_n)])                  1 (one class for every image) .. K (all classes used)
     kl_per_variable_n     = mean_x KL(q(z_n|x) || p(z_n))   0 (the variable carries nothing: posterior collapse)
     confidence            = mean_{x,n} max_k q(z_n=k|x)     1/K (uniform posteriors) .. 1 (one-hot posteriors)
+    class mean_{n,k}      = mean of the images x whose argmax code has z_n = k    (a picture of what class k says)
 
 A useful variable has a high perplexity *and* a high KL: it picks different classes for different images
 (perplexity) and is sure of its pick for each one (KL up to log K). A variable with KL ~ 0 is ignored by the
@@ -33,16 +35,21 @@ def code_usage(model, split, *, batch_size: int, threshold: float = ACTIVE_KL,
     """Code-usage statistics of `model` on `split`, in one pass (see the module docstring for the formulas).
 
     Returns 'perplexity' [N] and 'kl_per_variable' [N] (float64 CPU tensors; KL in nats per image),
-    'perplexity_mean' (float), 'active' (int: variables whose KL > threshold) and 'confidence' (float).
-    `generator` is read only by a dynamically binarized split (pass the trainer's eval generator so that the
-    global random stream is left alone).
+    'perplexity_mean' (float), 'active' (int: variables whose KL > threshold), 'confidence' (float), and for the
+    pictures of vae/pictures.py: 'usage' [N, K] (the aggregate posterior q̄(z_n = k), float64), 'class_counts'
+    [N, K] (images whose argmax code has z_n = k, int64) and 'class_means' [N, K, pixels] (their mean image, as
+    the encoder saw it; 0 where no image has that class). `generator` is read only by a dynamically binarized
+    split (pass the trainer's eval generator so that the global random stream is left alone).
 
-    The sums stay on the device in float64; the only host sync is the final copy of 2N + 1 numbers.
+    The sums stay on the device (float64 but for the image sums, exact in float32 for binary images); the only
+    host sync is the final copy of them all.
     """
     n_var, k = model.latent_dim, model.categorical_dim
     q_sum = torch.zeros(n_var, k, dtype=torch.float64, device=split.device)
     kl_sum = torch.zeros(n_var, dtype=torch.float64, device=split.device)
     confidence_sum = torch.zeros((), dtype=torch.float64, device=split.device)
+    count_sum = torch.zeros(n_var * k, dtype=torch.float64, device=split.device)
+    image_sum = None  # [N * K, pixels], shaped by the first batch
     log_prior = model.log_prior()
     for x in split.batches(batch_size, generator):
         logits = model.encode(x)
@@ -51,45 +58,24 @@ def code_usage(model, split, *, batch_size: int, threshold: float = ACTIVE_KL,
         # kl_categorical sums over its last two dims: a singleton dim before K makes it one KL per variable.
         kl_sum += kl_categorical(logits.unsqueeze(-2), log_prior.unsqueeze(-2)).double().sum(0)
         confidence_sum += q.amax(-1).double().sum()
+        # Sum of the images per (variable, argmax class): one matmul of the one-hot codes with the batch.
+        codes = F.one_hot(logits.argmax(-1), k).flatten(1).to(x.dtype)     # [B, N * K]
+        count_sum += codes.double().sum(0)
+        batch_sum = codes.T @ x                                             # [N * K, pixels]
+        image_sum = batch_sum if image_sum is None else image_sum + batch_sum
     q_bar = q_sum / split.n
     # xlogy: a class no image uses contributes 0 * log 0 = 0, not NaN.
     perplexity = torch.exp(-torch.special.xlogy(q_bar, q_bar).sum(-1))
-    host = torch.cat([perplexity, kl_sum / split.n, (confidence_sum / (split.n * n_var)).view(1)]).cpu()
+    class_means = image_sum.double() / count_sum.clamp(min=1).unsqueeze(-1)
+    host = torch.cat([perplexity, kl_sum / split.n, (confidence_sum / (split.n * n_var)).view(1), q_bar.flatten(),
+                      count_sum, class_means.flatten()]).cpu()
     perplexity, kl = host[:n_var], host[n_var:2 * n_var]
+    rest = host[2 * n_var + 1:]
+    usage, counts, means = rest[:n_var * k], rest[n_var * k:2 * n_var * k], rest[2 * n_var * k:]
     return {"perplexity": perplexity, "perplexity_mean": perplexity.mean().item(), "kl_per_variable": kl,
-            "active": int((kl > threshold).sum()), "confidence": host[-1].item()}
-
-
-@torch.no_grad()
-def traversal_codes(model, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-    """One-hot codes [R, K, N, K]: x's argmax code with variable rows[r] set to class k, at [r, k]."""
-    k = model.categorical_dim
-    base = F.one_hot(model.encode(x.view(1, -1))[0].argmax(-1), k)        # [N, K]
-    codes = base.expand(len(rows), k, *base.shape).clone()
-    classes = torch.arange(k, device=base.device)
-    codes[torch.arange(len(rows), device=base.device)[:, None], classes, rows[:, None]] = F.one_hot(classes, k)
-    return codes.to(x.dtype)
-
-
-@torch.no_grad()
-def traversal_grid(model, x: torch.Tensor, kl_per_variable: torch.Tensor, *, max_rows: int = 10) -> torch.Tensor:
-    """A [3, H, W] image for one test digit x [784]: row r = the variable with the r-th highest KL (decreasing),
-    column k = the decoding (sigmoid of the decoder's logits) of x's argmax code with that variable set to class k.
-
-    The top-KL variables are the ones the decoder listens to; low-KL rows would be K identical pictures.
-    Ties in KL keep the variables' order (a stable sort), so the rows of a collapsed model don't shuffle.
-    """
-    # torchvision takes seconds to import: only pay for it when a grid is drawn.
-    from torchvision.utils import make_grid
-
-    device = next(model.parameters()).device
-    order = torch.sort(kl_per_variable.detach().cpu(), descending=True, stable=True).indices
-    rows = order[:max_rows].to(device)
-    codes = traversal_codes(model, x.to(device), rows)
-    images = torch.sigmoid(model.decode(codes.flatten(0, 1)))                 # [R * K, 784]
-    # Same look as vae.tensorboard.image_grid (2 px white padding), one row per variable.
-    return make_grid(images.reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=model.categorical_dim, padding=2,
-                     pad_value=1.0)
+            "active": int((kl > threshold).sum()), "confidence": host[2 * n_var].item(),
+            "usage": usage.view(n_var, k), "class_counts": counts.view(n_var, k).long(),
+            "class_means": means.view(n_var, k, -1).float()}
 
 
 def exact(tag: str) -> str:
@@ -122,8 +108,9 @@ def custom_scalars_layout() -> dict:
     }
 
 
-def log_latents(writer, stats: dict, grid: torch.Tensor, step: int) -> None:
-    """Write `code_usage` statistics and a `traversal_grid` image at `step`.
+def log_latents(writer, stats: dict, pictures: dict, step: int) -> None:
+    """Write `code_usage` statistics and the pictures of the code (vae.pictures.latent_pictures: 'traversal',
+    'usage', 'class_means') as latents/<name> at `step`.
 
     The per-variable perplexities go to their own tag, `latents/perplexity_per_variable`: TensorBoard files each
     tag under the plugin of its first event, so a histogram written under the scalar's tag `latents/perplexity`
@@ -134,4 +121,5 @@ def log_latents(writer, stats: dict, grid: torch.Tensor, step: int) -> None:
     writer.add_scalar("latents/active", stats["active"], step)
     writer.add_scalar("latents/confidence", stats["confidence"], step)
     writer.add_histogram("latents/kl_per_variable", stats["kl_per_variable"], step)
-    writer.add_image("latents/traversal", grid, step)
+    for name, picture in pictures.items():
+        writer.add_image(f"latents/{name}", picture, step)

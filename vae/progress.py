@@ -91,8 +91,9 @@ class ProgressBar:
         self.close()
         s = trainer.state
         images = (trainer.steps_per_epoch - self.first_step) * trainer.cfg.batch_size
-        log.info("epoch %d/%d | train loss %.2f | test loss %.2f | test -elbo (discrete) %.2f | tau %.4f | "
-                 "%.2f s, %.0f images/s", s.epoch, trainer.cfg.epochs, test["train_loss"], test["loss"],
+        val = f" | val loss {test['val']['loss']:.2f}" if "val" in test else ""
+        log.info("epoch %d/%d | train loss %.2f%s | test loss %.2f | test -elbo (discrete) %.2f | tau %.4f | "
+                 "%.2f s, %.0f images/s", s.epoch, trainer.cfg.epochs, test["train_loss"], val, test["loss"],
                  test["elbo_discrete"], s.tau, seconds, images / seconds)
 
     def close(self) -> None:

@@ -1,4 +1,5 @@
-"""TensorBoard for a training run: scalars, image grids and the HParams entry (docs/dashboard.md lists every tag).
+"""TensorBoard for a training run: scalars, the pictures of vae/pictures.py and the HParams entry (docs/dashboard.md
+lists every tag).
 
 TensorBoard and torchvision take seconds to import, so both are imported when a run first writes, not before.
 """
@@ -13,18 +14,10 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae.atomic import WriteFailed, is_write_failure, write_failed
-from vae.gumbel import one_hot_argmax
 
 # The settings shown as columns in TensorBoard's HParams tab: those that change what is learned.
 HPARAM_KEYS = ("latent_dim", "categorical_dim", "prior", "hard", "estimator", "temperature", "temp_min",
                "anneal_rate", "anneal_interval", "batch_size", "epochs", "lr", "seed", "data.name", "data.binarize")
-
-
-def image_grid(x: torch.Tensor, nrow: int = 8) -> torch.Tensor:
-    """Flat images [B, 784] in [0, 1] -> one [3, H, W] grid."""
-    from torchvision.utils import make_grid
-
-    return make_grid(x.detach().reshape(-1, 1, 28, 28).clamp(0, 1).cpu(), nrow=nrow, padding=2, pad_value=1.0)
 
 
 @contextlib.contextmanager
@@ -112,22 +105,24 @@ class TensorBoardLog:
         with write_failures(self.run_dir):
             for key in ("loss", "bce", "kl", "elbo_discrete"):
                 self.writer.add_scalar(f"test/{key}", test[key], step)
+                if "val" in test:  # the validation split's, which chooses best.pt
+                    self.writer.add_scalar(f"val/{key}", test["val"][key], step)
             self.write_images(trainer.model, step)
             self.write_latents(trainer.model, step)
             self.writer.flush()  # every epoch: a run killed later keeps what it showed
 
     @torch.no_grad()
     def write_images(self, model, step: int) -> None:
-        recon = torch.sigmoid(model.decode(one_hot_argmax(model.encode(self.recon_x))))
-        self.writer.add_image("test/reconstructions", image_grid(torch.cat([self.recon_x, recon]),
-                                                                 nrow=len(self.recon_x)), step)
-        codes = one_hot_argmax(model.log_prior() + self.prior_noise)
-        self.writer.add_image("samples/prior", image_grid(torch.sigmoid(model.decode(codes))), step)
+        from vae.pictures import prior_grid, reconstruction_grid
+
+        self.writer.add_image("test/reconstructions", reconstruction_grid(model, self.recon_x), step)
+        self.writer.add_image("samples/prior", prior_grid(model, self.prior_noise), step)
 
     def write_latents(self, model, step: int) -> None:
-        """How the code is used (docs/dashboard.md): one more encoder pass over the test set, and a traversal of
-        the first of the fixed test digits."""
-        from vae.latents import code_usage, log_latents, traversal_grid
+        """How the code is used (docs/dashboard.md): one more encoder pass over the test set, and the pictures of
+        the code (a traversal of the first of the fixed test digits, the usage map, the class means)."""
+        from vae.latents import code_usage, log_latents
+        from vae.pictures import latent_pictures
 
         cfg = self.cfg
         if cfg is None or self.test_split is None:  # no test split given: no code-usage views
@@ -135,8 +130,8 @@ class TensorBoardLog:
         generator = torch.Generator(device=self.test_split.device).manual_seed(cfg.seed)  # dynamic binarization
         stats = code_usage(model, self.test_split, batch_size=cfg.eval.batch_size, threshold=cfg.eval.active_kl,
                            generator=generator)
-        grid = traversal_grid(model, self.recon_x[0], stats["kl_per_variable"], max_rows=cfg.eval.traversal_rows)
-        log_latents(self.writer, stats, grid, step)
+        pictures = latent_pictures(model, self.recon_x[0], stats, max_rows=cfg.eval.traversal_rows)
+        log_latents(self.writer, stats, pictures, step)
 
     def add_scalar(self, tag: str, value: float, step: int) -> None:
         with write_failures(self.run_dir):

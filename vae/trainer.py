@@ -22,7 +22,7 @@ from vae.config import estimator_name
 from vae.engine import (TrainStep, load_optimizer_state_, make_generators, make_optimizer, set_lr_)
 from vae.errors import TrainingDiverged, UserError, describe
 from vae.estimators import make_estimator
-from vae.model import CategoricalVAE
+from vae.model import build_model
 from vae.schedule import tau_for
 
 log = logging.getLogger(__name__)
@@ -41,6 +41,8 @@ class TrainState:
     step: int = 0                     # steps done in all
     test_loss: float = math.nan       # the last test pass's loss
     best_test_loss: float = math.inf
+    val_loss: float = math.nan        # the last validation pass's loss (with a validation split)
+    best_val_loss: float = math.inf   # what chooses best.pt when there is a validation split
 
     def __post_init__(self):
         if self.shuffle_epoch_start is None:
@@ -50,13 +52,16 @@ class TrainState:
         rng = {name: g.get_state() for name, g in self.gens.items()}
         rng["shuffle_epoch_start"] = self.shuffle_epoch_start
         return {"epoch": self.epoch, "epoch_step": self.epoch_step, "step": self.step, "tau": self.tau,
-                "test_loss": self.test_loss, "best_test_loss": self.best_test_loss, "rng": rng,
+                "test_loss": self.test_loss, "best_test_loss": self.best_test_loss, "val_loss": self.val_loss,
+                "best_val_loss": self.best_val_loss, "rng": rng,
                 "epoch_sums": self.epoch_sums.cpu(), "interval_sums": self.interval_sums.cpu()}
 
     def load_state_dict(self, d: dict) -> None:
         self.epoch, self.epoch_step, self.step = int(d["epoch"]), int(d["epoch_step"]), int(d["step"])
         self.tau, self.test_loss = float(d["tau"]), float(d["test_loss"])
         self.best_test_loss = float(d["best_test_loss"])
+        # Absent from checkpoints written before the validation split existed (their runs had none).
+        self.val_loss, self.best_val_loss = float(d.get("val_loss", math.nan)), float(d.get("best_val_loss", math.inf))
         for name, g in self.gens.items():
             g.set_state(d["rng"][name])
         self.shuffle_epoch_start = d["rng"]["shuffle_epoch_start"]
@@ -86,7 +91,7 @@ class Trainer:
             raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({self.train_split.n} "
                             f"images); use batch_size<={self.train_split.n}")
         torch.manual_seed(cfg.seed)  # the initial weights
-        self.model = CategoricalVAE(cfg.latent_dim, cfg.categorical_dim, cfg.prior).to(device)
+        self.model = build_model(cfg, self.train_split.image_shape).to(device)
         self.initial_weights = {k: v.clone() for k, v in self.model.state_dict().items()}
         gens = make_generators(cfg.seed, device)
         self.estimator = make_estimator(estimator_name(cfg), samples=cfg.estimator_samples,
@@ -144,7 +149,8 @@ class Trainer:
     def checkpoint(self) -> dict:
         """The whole run as a plain dict that `torch.load(..., weights_only=True)` accepts."""
         self.build()
-        return {"format": FORMAT, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+        return {"format": FORMAT, "model": self.model.state_dict(), "image_shape": list(self.model.image_shape),
+                "optimizer": self.optimizer.state_dict(),
                 **self.state.state_dict(), "estimator": self.estimator.state_dict(),
                 "config": OmegaConf.to_container(self.cfg, resolve=True), "torch_version": str(torch.__version__)}
 
@@ -238,8 +244,11 @@ class Trainer:
                                 batch_size=cfg.eval.batch_size, generator=gen, progress=progress,
                                 should_stop=self.should_stop)
 
-    def fit(self, test_split) -> Optional[dict]:
-        """Train up to `cfg.epochs` with a test pass after each epoch; the last test metrics (None if none ran)."""
+    def fit(self, test_split, val_split=None) -> Optional[dict]:
+        """Train up to `cfg.epochs` with a test pass after each epoch; the last test metrics (None if none ran).
+
+        With a validation split, each epoch also scores it (the same way, as `test["val"]`) and the best model is
+        the one of lowest validation loss: the test set is then only reported, never used to choose."""
         cfg, s = self.cfg, self.state
         test = None
         while s.epoch < cfg.epochs and not self.should_stop():
@@ -259,6 +268,12 @@ class Trainer:
             test["train_loss"] = train_loss
             self.finish_epoch()
             is_best = test["loss"] < s.best_test_loss
+            if val_split is not None:
+                test["val"] = self.test(val_split)
+                if not all(math.isfinite(v) for v in test["val"].values()):
+                    raise TrainingDiverged(self._diverged(f"in epoch {s.epoch} (step {s.step}, validation"))
+                is_best = test["val"]["loss"] < s.best_val_loss
+                s.val_loss, s.best_val_loss = test["val"]["loss"], min(s.best_val_loss, test["val"]["loss"])
             s.best_test_loss = min(s.best_test_loss, test["loss"])
             s.test_loss = test["loss"]
             self._emit("on_epoch_end", test, is_best, seconds)

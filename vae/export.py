@@ -1,0 +1,56 @@
+"""A weights-only file from a checkpoint: the model and the run's settings, without Adam's state or the random
+streams (about a third of the size). vae.evaluate, vae.sample and vae.api.load accept it; train.py cannot resume
+from it.
+
+    python -m vae.export checkpoint=outputs/<date>/<time>/checkpoints/best.pt [out=model.pt]
+
+`out` defaults to `<checkpoint stem>.export.pt` beside the checkpoint. Settings: configs/export.yaml.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import hydra
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig
+
+from vae.config import CONFIG_DIR
+from vae.errors import UserError, entry_point
+
+
+@dataclass
+class ExportConfig:
+    checkpoint: Optional[str] = None
+    out: Optional[str] = None
+
+
+ConfigStore.instance().store(name="export_schema", node=ExportConfig)
+
+
+def export(cfg: DictConfig) -> Path:
+    from vae.api import load
+    from vae.checks import check_writable
+
+    if not cfg.checkpoint:
+        raise UserError("checkpoint= is required: python -m vae.export checkpoint=<run>/checkpoints/best.pt")
+    path = Path(cfg.checkpoint).expanduser()
+    out = Path(cfg.out).expanduser() if cfg.out else path.with_name(path.stem + ".export.pt")
+    if out.resolve() == path.resolve():
+        raise UserError(f"out={str(out)!r} is the checkpoint itself; choose another file")
+    check_writable(out.parent, "out")
+    written = load(path).export(out)
+    print(f"wrote {written} ({written.stat().st_size / 2**20:.1f} MB; the checkpoint: "
+          f"{path.stat().st_size / 2**20:.1f} MB)")
+    return written
+
+
+@hydra.main(config_path=str(CONFIG_DIR), config_name="export", version_base="1.3")
+@entry_point
+def main(cfg: DictConfig) -> None:
+    export(cfg)
+
+
+if __name__ == "__main__":
+    main()
