@@ -69,6 +69,18 @@ def test_the_store_holds_params_scalars_and_final_metrics(tracked_run):
     for key in ("test_loss", "test_elbo_discrete", "epochs", "step", "tau", "train_seconds"):
         assert final[key] == pytest.approx(metrics[key]), key
     assert (run_dir / RUN_ID_FILE).read_text().strip() == run.info.run_id
+    assert history(client, run.info.run_id, "val/loss") == []  # debug=tiny: no validation split
+
+
+def test_the_validation_split_scalars_go_to_mlflow_too(tiny_data, tmp_path):
+    pytest.importorskip("mlflow")
+    store = tmp_path / "mlruns"
+    metrics = train_in_process(tiny_data, tmp_path / "run", "tracker=mlflow", f"tracker.tracking_uri={store}",
+                               "data.val_size=100")
+    client, run = only_run(store)
+    for key in ("val/loss", "val/bce", "val/kl", "val/elbo_discrete"):
+        assert [step for step, _ in history(client, run.info.run_id, key)] == [4], key  # 200 images: 4 steps
+    assert run.data.metrics["val_loss"] == pytest.approx(metrics["val_loss"])
 
 
 def test_a_resume_in_place_continues_the_same_mlflow_run(tiny_data, tmp_path):

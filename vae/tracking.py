@@ -1,9 +1,10 @@
 """An experiment tracker besides TensorBoard: MLflow, optional and offline (`tracker=mlflow`, docs/tracking.md).
 
 A trainer callback that gives an MLflow run what TensorBoard gets as scalars (train/* every log_interval steps,
-test/* every epoch, at the same steps), the run's settings as parameters (the config flattened to `data.root`-style
-keys) and, when the run ends, metrics.json's numbers as its final metrics and its status. The default store is MLflow's file store, a folder
-that needs no server and no network; any MLflow tracking URI works (`sqlite:///...`, `http://...`).
+test/* and val/* every epoch, at the same steps), the run's settings as parameters (the config flattened to
+`data.root`-style keys) and, when the run ends, metrics.json's numbers as its final metrics and its status. The
+default store is MLflow's file store, a folder that needs no server and no network; any MLflow tracking URI works
+(`sqlite:///...`, `http://...`).
 
 MLflow is an extra (`pip install -e .[mlflow]`) and is imported only when tracker=mlflow. A failure of the store
 in the middle of a run is a warning, not the end of the run: TensorBoard, the checkpoints and metrics.json hold
@@ -155,7 +156,11 @@ class MlflowTracker:
                    "train/grad_norm": grad_norm}, trainer.state.step)
 
     def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
-        self._log({f"test/{k}": test[k] for k in ("loss", "bce", "kl", "elbo_discrete")}, trainer.state.step)
+        keys = ("loss", "bce", "kl", "elbo_discrete")
+        values = {f"test/{k}": test[k] for k in keys}
+        if "val" in test:  # the validation split's, which chooses best.pt
+            values.update({f"val/{k}": test["val"][k] for k in keys})
+        self._log(values, trainer.state.step)
 
     def __enter__(self):
         return self
