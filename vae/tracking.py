@@ -33,7 +33,7 @@ log = logging.getLogger("train")
 TRACKERS = ("none", "mlflow")
 INSTALL = "pip install -e '.[mlflow]' (or pip install mlflow-skinny)"
 # In the run directory: a resume in place continues the same MLflow run. Only a run that has logged to TensorBoard
-# holds it (the tracker starts after TensorBoardLog), so a new run's directory never does (vae.checks.check_new_run_dir).
+# holds it (the tracker starts after TensorBoardLog), so a new run's directory never does (check_new_run_dir).
 RUN_ID_FILE = "mlflow_run_id"
 BATCH = 100  # MLflow takes at most 100 parameters per log_batch call
 MAX_PARAM = 6000  # and parameter values of at most 6000 characters
