@@ -43,6 +43,7 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
 
     from vae.snr import GradientSNR
     from vae.tensorboard import TensorBoardLog, log_hparams
+    from vae.tracking import trackers
     from vae.trainer import Trainer
 
     hydra_cfg = HydraConfig.get()
@@ -78,7 +79,7 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     progress = ProgressBar()
     with TensorBoardLog(run_dir, trainer.state.step + 1 if resumed else None, recon_x, prior_noise, test_split,
                         cfg) as tb, logging_redirect_tqdm():
-        trainer.callbacks = [progress, checkpoints, tb, *GradientSNR.for_run(cfg, tb)]
+        trainer.callbacks = [progress, checkpoints, tb, *GradientSNR.for_run(cfg, tb), *trackers(cfg, run_dir, held)]
         try:
             test = trainer.fit(test_split, val_split)
         except TrainingDiverged as e:

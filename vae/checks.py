@@ -110,8 +110,10 @@ def check_environment(cfg: DictConfig, device) -> None:
     if root.exists() and not root.is_dir():
         check_writable(root, "data.root")  # a file where the data should be: one line that says so
     from vae.data import check_source  # a read-only data.root is fine when it holds every file: the data layer decides
+    from vae.tracking import check_tracker  # tracker=mlflow: installed?
 
     check_source(cfg.data)
+    check_tracker(cfg.tracker)
 
 
 def check_resumable(cfg: DictConfig, ckpt: dict) -> None:

@@ -52,6 +52,17 @@ def run_suffix(override_dirname: str, max_len: int = 64) -> str:
 # `${run_suffix:${hydra.job.override_dirname}}`: a run directory that says what the run changed.
 OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 
+
+def _train_help(*, _root_) -> str:
+    """`${train_help:}`: the page of `python train.py --help` (configs/hydra/help/train.yaml), for the config it
+    was asked with. Hydra fills `$NAME`s into it: a `$` of ours is doubled."""
+    from vae.usage import help_page
+
+    return help_page(_root_).replace("$", "$$")
+
+
+OmegaConf.register_new_resolver("train_help", _train_help, replace=True)
+
 BINARIZE = ("none", "dynamic", "static")
 PRIORS = ("uniform", "learned")
 SOURCES = ("local", "torchvision", "registry", "system", "synthetic")
@@ -100,6 +111,15 @@ class OptimizerConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     weight_decay: float = 0.0
+
+
+@dataclass
+class TrackerConfig:
+    # none (TensorBoard alone) | mlflow (vae/tracking.py; docs/tracking.md).
+    name: str = "none"
+    # A folder (MLflow's file store) or an MLflow tracking URI; shared by every run, so that one UI shows them all.
+    tracking_uri: str = "${repo_dir:}/outputs/mlruns"
+    experiment: str = "gumbel-vae"
 
 
 @dataclass
@@ -162,6 +182,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    tracker: TrackerConfig = field(default_factory=TrackerConfig)
 
 
 ConfigStore.instance().store(name="base_config", node=Config)
