@@ -7,9 +7,10 @@
 # .mnist-gz/ (unpacked here). Stages, each with its own time limit so that one that hangs cannot starve the rest:
 #   1. whole-process times of `python train.py` (the default auto modes, compile=true with a cold and a warm
 #      Inductor cache, eager), alone on the GPU;
-#   2. the estimator tables, several runs at a time: the paper's protocol (experiment=paper: 20x10, static
-#      binarization, learned prior, 100 epochs, IW bound k=1000) for every estimator, seeds 0-2, and the
-#      ReinMax paper's protocol (30x10, grayscale, batch 100, 160 epochs) for reinmax, st_gumbel and gumbel_rao;
+#   2. the estimator tables with `python -m vae.study`, 8 cells at a time: the ReinMax protocol (experiment=reinmax,
+#      160 epochs) at 10x30, 8x4, 4x24 and 64x8 for reinmax, st_gumbel, gumbel_rao and gumbel, seeds 0-2; the paper's
+#      protocol (experiment=paper: 20x10, static binarization, learned prior, 100 epochs, IW bound k=1000) for every
+#      estimator, seeds 0-2;
 #   3. `pytest -m gpu`, beside stage 2.
 # Writes OUT_DIR/gpu.txt, times.txt, pytest.log, and runs.tar.gz (each run's metrics.json, train.log and its test
 # curves exported from the TensorBoard events by scripts/export_runs.py, not the checkpoints or images).
@@ -22,7 +23,8 @@ mkdir -p "$out"
 py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 runs=${RUNS_DIR:-/tmp/gpu-runs}
-EXTRA=${EXTRA:-}   # overrides added to every train.py run (a dry run on a CPU: EXTRA="debug=tiny data.root=...")
+EXTRA=${EXTRA:-}   # overrides added to the timed train.py runs (a dry run on a CPU: EXTRA="debug=tiny data.root=...")
+EXTRA_LIST=${EXTRA_LIST:-}  # the same for the study cells, as ",key=value,..." (a dry run: ",debug=tiny,epochs=1")
 mkdir -p "$runs" data/MNIST/raw
 left() { echo $(( deadline - $(date +%s) )); }
 
@@ -59,33 +61,21 @@ echo "== 2. estimator tables (background), 3. pytest -m gpu"
 (timeout $(( $(left) - 25 )) $py -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$out/pytest.log" 2>&1
  echo "pytest exit $?" >> "$out/pytest.log") &
 pytest_pid=$!
-jobs_file=$runs/jobs.txt
-: > "$jobs_file"
-for est in reinmax st_gumbel gumbel_rao; do   # the ReinMax paper's protocol first: one run each
-  echo "reinmax-$est estimator=$est epochs=160 seed=0" >> "$jobs_file"
-done
-for seed in 0 1 2; do
-  for est in gumbel st_gumbel st annealed_st sf rloo muprop gumbel_rao reinmax; do
-    echo "paper-$est-s$seed experiment=paper estimator=$est seed=$seed eval.iw_samples=1000" >> "$jobs_file"
-  done
-done
-run_job() {  # run_job NAME OVERRIDES...: compile + CUDA graph; if that fails, eager (and say so)
-  local name=$1; shift
-  timeout "$(left)" $py train.py hydra.run.dir="$runs/$name" compile=true cuda_graph=true "$@" $EXTRA \
-    > "$runs/$name.log" 2>&1 && return
-  grep -q "done:" "$runs/$name.log" && return
-  echo "RETRY eager: $name" >> "$runs/retries.txt"
-  timeout "$(left)" $py train.py hydra.run.dir="$runs/$name-eager" compile=false cuda_graph=false "$@" $EXTRA \
-    > "$runs/$name-eager.log" 2>&1
+# The tables through the study runner (python -m vae.study): one stable directory per cell, so a call cut short by
+# its time limit is finished by the next call with the same command; results.json/.md and figures per protocol.
+study() {  # study NAME EXTRA ARGS...: one grid, 8 cells at a time, compile + CUDA graph, EXTRA more overrides
+  timeout "$(left)" $py -m vae.study dir="$runs/$1" jobs="${PARALLEL:-8}" threads=null "${@:3}" \
+    "extra=[device=cuda,compile=true,cuda_graph=true$2${EXTRA_LIST:-}]" > "$runs/$1.log" 2>&1
+  echo "$1: exit $? at $((SECONDS - start)) s"
 }
-export -f run_job left
-export py runs deadline EXTRA
-parallel_jobs=${PARALLEL:-8}
-timeout $(( $(left) - 20 )) xargs -P "$parallel_jobs" -L 1 bash -c 'run_job "$@"' _ < "$jobs_file"
-echo "tables: exit $? at $((SECONDS - start)) s"
+study reinmax "" preset=reinmax "shapes=[10x30,8x4,4x24,64x8]" \
+  "estimators=[reinmax,st_gumbel,gumbel_rao,gumbel]" "seeds=[0,1,2]"
+study paper ",eval.iw_samples=1000" preset=paper \
+  "estimators=[gumbel,st_gumbel,st,annealed_st,sf,rloo,muprop,gumbel_rao,reinmax]" "seeds=[0,1,2]"
 wait $pytest_pid
 tail -n 5 "$out/pytest.log"
-$py scripts/export_runs.py "$runs" "$out/runs.json" || true
+for t in reinmax paper; do cp "$runs/$t/results.json" "$out/$t-results.json" 2>/dev/null
+  cp "$runs/$t/results.md" "$out/$t-results.md" 2>/dev/null; cp "$runs/$t"/*.png "$out/" 2>/dev/null; done
 tar czf "$out/runs.tar.gz" -C "$runs" --exclude='*.pt' --exclude='events.*' --exclude='inductor-cache' \
   --exclude='triton-cache' . 2>/dev/null
 ls -la "$out"

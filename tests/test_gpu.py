@@ -163,3 +163,29 @@ def test_resume_with_a_new_lr_on_cuda(tiny_data, tmp_path):
     ckpt = torch.load(last, map_location="cpu", weights_only=True)
     assert ckpt["epoch"] == 2 and float(ckpt["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(2e-3)
     assert ckpt["config"]["lr"] == 2e-3
+
+
+RADAM_REINMAX = ["optimizer=radam", "estimator=reinmax", "temperature=1.3", "temp_min=1.3", "lr=5e-4"]
+
+
+@pytest.mark.parametrize("extra", [["model=conv"], RADAM_REINMAX], ids=["conv", "radam"])
+@pytest.mark.parametrize("modes", [["compile=true", "cuda_graph=true"], ["compile=false", "cuda_graph=true"],
+                                   ["compile=true", "cuda_graph=false"]], ids=["compile+graph", "graph", "compile"])
+def test_the_conv_model_and_radam_compile_and_capture_on_the_gpu(tiny_data, tmp_path, extra, modes):
+    """model=conv and optimizer=radam in every fast mode learn what eager CUDA learns, without falling back, and a
+    captured run resumes to the same numbers as a straight one."""
+    def run(name, *args):
+        proc = run_train(tiny_overrides(tiny_data, tmp_path / name, "device=cuda", "epochs=2", *extra, *args))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "failed here" not in proc.stderr + proc.stdout  # no fallback to eager
+        return json.loads((tmp_path / name / "metrics.json").read_text())
+
+    eager = run("eager", "compile=false", "cuda_graph=false")
+    fast = run("fast", *modes)
+    assert abs(fast["test_loss"] - eager["test_loss"]) < 1.0
+    proc = run_train(tiny_overrides(tiny_data, tmp_path / "half", "device=cuda", "epochs=1", *extra, *modes))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    proc = run_train([f"resume={tmp_path / 'half' / 'checkpoints' / 'last.pt'}", "epochs=2", f"data.root={tiny_data}"])
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    resumed = json.loads((tmp_path / "half" / "metrics.json").read_text())
+    assert resumed["epochs"] == 2 and abs(resumed["test_loss"] - fast["test_loss"]) < 1e-3

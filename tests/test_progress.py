@@ -5,17 +5,16 @@ from types import SimpleNamespace
 
 import pytest
 
-from vae.estimators import NAMES, make_estimator
+from vae.estimators import ESTIMATORS, make_estimator
 from vae.progress import ProgressBar
 
 USE_TAU = {"gumbel", "st_gumbel", "annealed_st", "gumbel_rao", "reinmax"}
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", list(ESTIMATORS))
 def test_the_epoch_line_shows_tau_only_for_estimators_that_use_one(name, caplog):
     trainer = SimpleNamespace(state=SimpleNamespace(epoch=1, tau=0.8765), cfg=SimpleNamespace(epochs=2, batch_size=50),
-                              steps_per_epoch=6, estimator=make_estimator(name, samples=None, baseline_decay=0.9,
-                                                                          device="cpu"))
+                              steps_per_epoch=6, estimator=make_estimator(name, {}, "cpu"))
     bar = ProgressBar()
     bar.first_step = 0
     test = {"train_loss": 101.0, "loss": 100.0, "elbo_discrete": 100.5}
