@@ -17,7 +17,7 @@ def test_a_resumed_run_reads_its_checkpoint_once_and_checks_its_settings_once(ti
 
     import train as train_script
     import vae.config
-    from vae.checks import ValidateOnStart
+    from vae.plan import ValidateOnStart
 
     train_in_process(tiny_data, tmp_path / "run", "epochs=1")
     last = tmp_path / "run" / "checkpoints" / "last.pt"

@@ -198,7 +198,7 @@ def test_a_compiler_that_fails_falls_back_to_eager(tiny_data, tmp_path):
 def validate_on_start(capsys, *overrides, run_dir):
     """What ValidateOnStart does with `python train.py <overrides>`: its exit status and the lines it printed."""
     from conftest import compose_train
-    from vae.checks import ValidateOnStart
+    from vae.plan import ValidateOnStart
 
     cfg = compose_train(*overrides, f"hydra.run.dir={run_dir}", run_dir=run_dir)
     with pytest.raises(SystemExit) as e:

@@ -1,22 +1,19 @@
 """Start-up checks that look beyond the values: the file system, the devices, a checkpoint to resume.
 
-The trainer runs `validate` from a Hydra callback (`on_run_start`), before Hydra creates the run directory, so a
-bad setting leaves nothing behind; the values' own ranges are vae/config.py's `validate_ranges`. Whatever goes
-wrong in that callback ends the command with one line: Hydra itself would turn an exception there into a warning
-and start the run anyway.
+vae/plan.py calls them, once per run, from the Hydra start-up callback (before Hydra creates the run directory, so a
+bad setting leaves nothing behind); the values' own ranges are vae/config.py's `validate_ranges`. `validate` runs
+the same checks without configuring anything, for tools and tests that only ask.
 """
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import List, Optional
 
-from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig
 
 from vae.config import validate_ranges
-from vae.errors import UserError, describe, exit_with
+from vae.errors import UserError, describe
 
 THREADS_PER_CPU = 4  # threads beyond this many per CPU only slow a run down (and 10^5 of them crash PyTorch)
 IMAGE_FLOATS = 784
@@ -154,40 +151,3 @@ def check_new_run_dir(run_dir: Path) -> None:
         last = Path(run_dir) / "checkpoints" / "last.pt"
         raise UserError(f"hydra.run.dir={str(run_dir)!r} already holds a run ({found}); choose another "
                         f"hydra.run.dir, or continue that run with {override('resume', last)}")
-
-
-class ValidateOnStart(Callback):
-    """Hydra calls this before it creates the run directory, so a bad setting leaves nothing behind.
-
-    Any exception, not only a `UserError`, ends the command here with one line and a non-zero status: Hydra would
-    turn it into a warning and go on to create the run directory.
-    """
-
-    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Make the run's plan (vae/plan.py) and hand it to train.py. A resume that continues a run in its own
-        directory moves Hydra's run directory there too, so the log goes on in the run's own train.log and this
-        command's .hydra/ files go to .hydra/resumes/<time>/ beside the run's original ones."""
-        from vae.plan import hand_over, make_plan
-
-        try:
-            task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
-            plan = make_plan(task_cfg, config.hydra.run.dir, list(config.hydra.overrides.task))
-        except UserError as e:
-            exit_with(e)
-        except Exception as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"error: the settings could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
-                  "traceback)", file=sys.stderr, flush=True)
-            sys.exit(1)
-        if plan.in_place:
-            import time
-
-            with open_dict(config.hydra):
-                config.hydra.run.dir = str(plan.run_dir)
-                if config.hydra.output_subdir is not None:
-                    config.hydra.output_subdir = f"{config.hydra.output_subdir}/resumes/" \
-                                                 f"{time.strftime('%Y-%m-%d_%H-%M-%S')}"
-        hand_over(plan)
-
-    # No on_multirun_start: a sweep's config lacks the swept values; vae.sweep_plan.CheckSweep checks every job.

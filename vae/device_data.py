@@ -3,7 +3,7 @@
 This replaces a per-sample DataLoader (the bottleneck of the usual ports): an MNIST epoch is 600 gathers of
 100 rows from a 47 MB tensor, with conversion to float (and dynamic binarization) done on the device.
 """
-from typing import Optional, Sequence
+from typing import Optional
 
 import torch
 

@@ -15,11 +15,16 @@ sweep job) makes its own.
 from __future__ import annotations
 
 import logging
+import os
+import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Any, Optional, Sequence, Tuple
 
-from omegaconf import DictConfig, OmegaConf
+from hydra.experimental.callback import Callback
+from omegaconf import DictConfig, OmegaConf, open_dict
+
+from vae.errors import UserError, describe, exit_with
 
 log = logging.getLogger("train")
 
@@ -96,3 +101,38 @@ def take(cfg: DictConfig, output_dir, overrides: Sequence[str] = ()) -> RunPlan:
     if plan is not None and plan.run_dir.resolve() == Path(output_dir).resolve():
         return plan
     return make_plan(cfg, output_dir, overrides)
+
+
+class ValidateOnStart(Callback):
+    """Hydra calls this before it creates the run directory, so a bad setting leaves nothing behind.
+
+    Any exception, not only a `UserError`, ends the command here with one line and a non-zero status: Hydra would
+    turn it into a warning and go on to create the run directory.
+    """
+
+    def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Make the run's plan (vae/plan.py) and hand it to train.py. A resume that continues a run in its own
+        directory moves Hydra's run directory there too, so the log goes on in the run's own train.log and this
+        command's .hydra/ files go to .hydra/resumes/<time>/ beside the run's original ones."""
+        try:
+            task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+            plan = make_plan(task_cfg, config.hydra.run.dir, list(config.hydra.overrides.task))
+        except UserError as e:
+            exit_with(e)
+        except Exception as e:
+            if os.environ.get("HYDRA_FULL_ERROR") == "1":
+                raise
+            print(f"error: the settings could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
+                  "traceback)", file=sys.stderr, flush=True)
+            sys.exit(1)
+        if plan.in_place:
+            import time
+
+            with open_dict(config.hydra):
+                config.hydra.run.dir = str(plan.run_dir)
+                if config.hydra.output_subdir is not None:
+                    config.hydra.output_subdir = f"{config.hydra.output_subdir}/resumes/" \
+                                                 f"{time.strftime('%Y-%m-%d_%H-%M-%S')}"
+        hand_over(plan)
+
+    # No on_multirun_start: a sweep's config lacks the swept values; vae.sweep_plan.CheckSweep checks every job.

@@ -32,7 +32,7 @@ from typing import Dict, List, Optional
 
 import hydra
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from vae.atomic import atomic_write, atomic_write_text
 from vae.config import CONFIG_DIR, REPO_DIR, validate_ranges
