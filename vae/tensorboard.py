@@ -23,8 +23,8 @@ from vae.atomic import WriteFailed, is_write_failure, write_failed
 NOT_HPARAMS = ("device", "compile", "cuda_graph", "compile_min_steps", "tf32", "flush_denormal", "threads",
                "log_interval", "snr_interval", "snr_samples", "recon_images", "prior_samples", "resume",
                "data.root", "data.download", "data.sources", "data.system_path", "data.verify", "data.title",
-               "eval.iw_chunk", "eval.batch_size", "eval.traversal_rows", "tracker", "tracker.tracking_uri",
-               "tracker.experiment")
+               "eval.iw_chunk", "eval.batch_size", "eval.traversal_rows", "tracker", "tracker.name",
+               "tracker.tracking_uri", "tracker.experiment")
 # The columns the HParams tab shows before any is ticked: it shows five, those marked as differing between runs
 # first, then by name. (Each run writes the list of columns; TensorBoard takes one run's list for all.)
 SHOWN_HPARAMS = ("estimator", "estimator_samples", "lr", "seed", "temperature")
