@@ -50,9 +50,7 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     held.enter_context(locked(run_dir, resuming=in_place is not None))  # one train.py per run directory
     check_new_run_dir(run_dir, cfg.resume)
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
-    sizes = f"batch_size={cfg.batch_size}, eval.batch_size={cfg.eval.batch_size} and the code, latent_dim x " \
-            f"categorical_dim = {cfg.latent_dim} x {cfg.categorical_dim}"
-    held.enter_context(memory_hint("while training", sizes))
+    held.enter_context(memory_hint("while training", training_sizes(cfg)))
 
     with stop.at_once("during start-up"):  # nothing to save yet: a signal here ends the run at once
         device = resolve_device(cfg.device)
@@ -119,6 +117,22 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     log.info("done: test loss %.2f nats/image; %.2f s of training steps; checkpoints in %s", results["test_loss"],
              trainer.train_seconds, checkpoints.dir)
     return results["test_loss"]
+
+
+def training_sizes(cfg: DictConfig) -> str:
+    """The settings that size training's memory, those of the estimator first: what an out-of-memory error names."""
+    from vae.config import estimator_name
+    from vae.estimators import MULTI_SAMPLE, default_samples
+
+    name = estimator_name(cfg)
+    sizes = (f"batch_size={cfg.batch_size}, eval.batch_size={cfg.eval.batch_size} and the code, latent_dim x "
+             f"categorical_dim = {cfg.latent_dim} x {cfg.categorical_dim}")
+    if name in MULTI_SAMPLE:  # every image is decoded (rloo) or relaxed (gumbel_rao) this many times per step
+        samples = default_samples(name) if cfg.estimator_samples is None else cfg.estimator_samples
+        return f"estimator_samples={samples} (estimator={name}'s samples per image) x {sizes}"
+    if name == "exact":  # every image is decoded at each of the K^N codes
+        return f"the K^N = {cfg.categorical_dim}^{cfg.latent_dim} codes of estimator=exact x {sizes}"
+    return sizes
 
 
 def final_iw_bound(cfg: DictConfig, trainer, test_split, tb, stop) -> Optional[float]:

@@ -7,13 +7,14 @@ and start the run anyway.
 """
 from __future__ import annotations
 
+import copy
 import os
 import sys
 from pathlib import Path
 from typing import Any, List, Optional
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, open_dict
 
 from vae.config import validate_ranges
 from vae.errors import UserError, describe, exit_with
@@ -165,7 +166,9 @@ class ValidateOnStart(Callback):
     @staticmethod
     def _validate(config: DictConfig, output_dir: str, new_run: bool = False) -> None:
         try:
-            task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+            task_cfg = copy.deepcopy(config)  # as Hydra hands it to the task: typed, so that unknown keys show
+            with open_dict(task_cfg):
+                del task_cfg["hydra"]
             validate_ranges(task_cfg)
             check_threads(task_cfg.threads)
             # Threads and the subnormal flush before the first parallel op (a resume check below builds a model):

@@ -3,9 +3,11 @@ into a clean exit for every command-line entry point."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import os
+import re
 import sys
 
 from hydra.errors import CompactHydraException
@@ -26,10 +28,19 @@ class TrainingDiverged(UserError):
     exit_code = 3
 
 
+def shorten(text: str, limit: int) -> str:
+    """`text` cut to at most `limit` characters at a space, never inside a word or a number, with "..." when cut."""
+    if len(text) <= limit:
+        return text
+    head = text[:limit - 2]  # one more than fits: a space there ends the last whole word that does
+    head = head.rsplit(" ", 1)[0] if " " in head else head[:-1]
+    return head.rstrip(" ,;:") + "..."
+
+
 def describe(e: BaseException, limit: int = 200) -> str:
     """`Type: first line of the message`: how any failure that is reported (rather than raised) reads."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0][:limit] if text else ''}".rstrip(": ")
+    return f"{type(e).__name__}: {shorten(text[0], limit) if text else ''}".rstrip(": ")
 
 
 class JobFailed(UserError, CompactHydraException):
@@ -38,12 +49,24 @@ class JobFailed(UserError, CompactHydraException):
 
 
 def is_out_of_memory(e: BaseException) -> bool:
-    """An allocation that failed: CUDA's OutOfMemoryError, or the CPU allocator's RuntimeError."""
-    if type(e).__name__ == "OutOfMemoryError":
+    """An allocation that failed: CUDA's OutOfMemoryError, the CPU allocator's RuntimeError, or Python's and numpy's
+    MemoryError."""
+    if isinstance(e, MemoryError) or type(e).__name__ == "OutOfMemoryError":
         return True
     text = str(e)
     return isinstance(e, RuntimeError) and ("can't allocate memory" in text or "DefaultCPUAllocator" in text
-                                            or "out of memory" in text)
+                                            or "not enough memory" in text or "out of memory" in text)
+
+
+def allocation_size(e: BaseException) -> str:
+    """What a failed allocation asked for, from its message ("102400000000 bytes" from the CPU allocator, "95.37 GiB"
+    from CUDA's, numpy's "(20000, 784) and data type uint8"), as a short readable text; "" if it does not say."""
+    text = str(e)
+    match = re.search(r"allocate (\d+) bytes", text)
+    if match:
+        return f"{int(match.group(1)) / 2**30:.3g} GiB"
+    match = re.search(r"allocate ([\d.]+ [KMGTP]iB)", text) or re.search(r"(\d+(\.\d+)? [KMGTP]iB) for an array", text)
+    return match.group(1) if match else ""
 
 
 @contextlib.contextmanager
@@ -54,15 +77,15 @@ def memory_hint(what: str, settings: str):
     except Exception as e:
         if not is_out_of_memory(e):
             raise
-        raise UserError(f"out of memory {what} ({describe(e, 120)}); its size grows with {settings}: "
-                        "lower them") from None
+        size = allocation_size(e)
+        asked = f"it asked for {size} at once" if size else describe(e, 120)
+        raise UserError(f"out of memory {what} ({asked}); its size grows with {settings}: lower them") from None
 
 
 def one_line(text: str, limit: int = 300) -> str:
     """`text` with every run of whitespace (newlines too) made one space, cut to `limit` characters: for messages
     whose reason is on a later line (torchvision's "Error downloading x:\nTried <mirror>, got: <reason>")."""
-    text = " ".join(text.split())
-    return text if len(text) <= limit else text[:limit - 3] + "..."
+    return shorten(" ".join(text.split()), limit)
 
 
 def exit_with(error: UserError) -> None:
@@ -89,6 +112,9 @@ def entry_point(task):
     @functools.wraps(task)
     def wrapper(cfg):
         try:
+            from vae.config import check_known_settings  # not at the top: vae.config imports this module
+
+            check_known_settings(cfg)  # `+key=` and `~key` slip past Hydra's schema check: refuse them first
             return task(cfg)
         except UserError as e:
             if _in_multirun():
