@@ -167,3 +167,19 @@ def test_test_split_follows_the_checkpoints_binarization(tmp_path, binarize):
     assert torch.equal(torch.cat(list(load_test_split(data_cfg, torch.device("cpu")).batches(5))), x)
     # ... and a draw of these images: black pixels stay 0, white ones 1.
     assert torch.all(x[raw == 0] == 0) and torch.all(x[raw == 1] == 1)
+
+
+def test_a_closed_stdout_costs_no_result(tmp_path):
+    """`python -m vae.evaluate ... | head -1`: the results are written first; the print that fails is silent."""
+    ckpt = write_checkpoint(tmp_path)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "vae.evaluate", f"checkpoint={ckpt}", "iw_samples=2",
+                               "device=cpu"], cwd=tmp_path, stdout=write, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_DIR), "OMP_NUM_THREADS": "1"}, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert json.loads((ckpt.parent / "best.metrics.json").read_text())["k"] == 2

@@ -17,25 +17,69 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, open_dict
 
 from vae.config import validate_ranges
-from vae.errors import UserError, describe, exit_with
+from vae.errors import UserError, describe, exit_with, os_error
 
 THREADS_PER_CPU = 4  # threads beyond this many per CPU only slow a run down (and 10^5 of them crash PyTorch)
 IMAGE_FLOATS = 784
 
 
-def check_writable(path: Path, key: str) -> None:
-    """The nearest existing ancestor of `path` must be a writable directory: we will create the rest."""
-    p = Path(path).absolute()
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
+def check_writable(path: Path, key: str, value=None) -> None:
+    """The nearest existing ancestor of `path` must be a writable directory: we will create the rest. Whatever the
+    file system says while we look (a name too long, a loop of links) is one line too. `value`: the setting as
+    given, when `path` is derived from it (the directory of an `out=` file)."""
+    path = Path(path)
+    shown = str(path if value is None else value)
+    p = path.absolute()
+    try:
+        while not p.exists():
+            if p.parent == p:
+                break
+            p = p.parent
+        check_name_lengths(path.absolute(), p, key, shown)
+    except OSError as e:
+        raise UserError(f"{key}={shown!r} cannot be used ({e.strerror or e}); choose another with {key}=...") from None
     if p.exists() and not p.is_dir():
-        raise UserError(f"{key}={str(path)!r} is not writable ({p} is a file, not a directory); choose a directory "
+        raise UserError(f"{key}={shown!r} is not writable ({p} is a file, not a directory); choose a directory "
                         f"with {key}=<dir>")
     if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={str(path)!r} is not writable ({p} is not a writable directory); "
-                        f"choose another with {key}=<dir> or fix its permissions")
+        raise UserError(f"{key}={shown!r} is not writable ({p} is not a writable directory); "
+                        f"choose another with {key}=... or fix its permissions")
+
+
+def check_name_lengths(path: Path, existing: Path, key: str, shown: str) -> None:
+    """The names we would create below `existing` must fit its file system (often 255 bytes a name, 4096 a path):
+    Hydra creates the run directory before the run starts, and would fail with a traceback."""
+    name_max = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
+    path_max = os.pathconf(existing, "PC_PATH_MAX") if existing.is_dir() else 4096
+    longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
+    if len(os.fsencode(longest)) > name_max:
+        raise UserError(f"{key}={shown!r} holds a name of {len(os.fsencode(longest))} bytes, more than the "
+                        f"{name_max} this file system allows; choose a shorter {key}")
+    if len(os.fsencode(str(path))) >= path_max:
+        raise UserError(f"{key}={shown!r} is {len(os.fsencode(str(path)))} bytes long, more than the "
+                        f"{path_max - 1} this file system allows; choose a shorter {key}")
+
+
+def check_output_file(path: Path, key: str) -> None:
+    """A file a command writes at its end (`out=`): refuse, before any work, one that is not a regular file (the
+    atomic write would replace it) or that cannot be written. Creates its directory and writes (and removes) a
+    temporary file there: access() alone misses some read-only file systems."""
+    import tempfile
+
+    from vae.atomic import TMP_PREFIX, not_a_regular_file
+
+    path = Path(path)
+    try:
+        kind = not_a_regular_file(path)
+        if kind:
+            raise UserError(f"{key}={str(path)!r} is {kind}, not a file, and writing the results would replace it; "
+                            "choose a file path")
+        check_writable(path.parent, key, value=path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(prefix=TMP_PREFIX, dir=path.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"{key}={str(path)!r} cannot be written ({e.strerror or e}); choose another path") from None
 
 
 def resolve_device(name: str):
@@ -149,6 +193,16 @@ def check_new_run_dir(run_dir: Path, resume: Optional[str]) -> None:
                         f"hydra.run.dir, or continue that run with {override('resume', last)}")
 
 
+def check_hydra_settings(hydra_cfg: DictConfig, output_dir: str, new_run: bool) -> None:
+    """Hydra settings that would make a run write where it should not, or read other files than were checked."""
+    if new_run and not str(output_dir).strip():
+        raise UserError("hydra.run.dir is empty (an unset shell variable?): the run would write into the current "
+                        "directory; give it a directory, or leave it out for outputs/<date>/<time>")
+    if hydra_cfg.job.chdir:
+        raise UserError("hydra.job.chdir=true is not supported: the checks read relative paths (data.root, resume) "
+                        "from the directory you start in, and the run must too; drop it")
+
+
 class ValidateOnStart(Callback):
     """Hydra calls this before it creates the run directory, so a bad setting leaves nothing behind.
 
@@ -170,6 +224,7 @@ class ValidateOnStart(Callback):
             with open_dict(task_cfg):
                 del task_cfg["hydra"]
             validate_ranges(task_cfg)
+            check_hydra_settings(config.hydra, output_dir, new_run)
             check_threads(task_cfg.threads)
             # Threads and the subnormal flush before the first parallel op (a resume check below builds a model):
             # worker threads copy the flush flag only from the thread that starts them.
@@ -182,6 +237,8 @@ class ValidateOnStart(Callback):
                 check_new_run_dir(Path(output_dir), task_cfg.resume)
         except UserError as e:
             exit_with(e)
+        except OSError as e:  # a path in the settings that the file system refuses to look at
+            exit_with(os_error(e))
         except Exception as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

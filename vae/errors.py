@@ -60,13 +60,12 @@ def is_out_of_memory(e: BaseException) -> bool:
 
 def allocation_size(e: BaseException) -> str:
     """What a failed allocation asked for, from its message ("102400000000 bytes" from the CPU allocator, "95.37 GiB"
-    from CUDA's, numpy's "(20000, 784) and data type uint8"), as a short readable text; "" if it does not say."""
-    text = str(e)
-    match = re.search(r"allocate (\d+) bytes", text)
-    if match:
-        return f"{int(match.group(1)) / 2**30:.3g} GiB"
-    match = re.search(r"allocate ([\d.]+ [KMGTP]iB)", text) or re.search(r"(\d+(\.\d+)? [KMGTP]iB) for an array", text)
-    return match.group(1) if match else ""
+    from CUDA's, "14.6 GiB for an array" from numpy's), as a short readable text; "" if it does not say."""
+    match = re.search(r"allocate (\d+) bytes|allocate ([\d.]+ [KMGTPE]iB)|([\d.]+ [KMGTPE]iB) for an array", str(e))
+    if match is None:
+        return ""
+    exact, size, array = match.groups()
+    return f"{int(exact) / 2**30:.3g} GiB" if exact else size or array
 
 
 @contextlib.contextmanager
@@ -88,11 +87,19 @@ def one_line(text: str, limit: int = 300) -> str:
     return shorten(" ".join(text.split()), limit)
 
 
+def os_error(e: OSError) -> UserError:
+    """The one line for a file-system error that reached the top: which path, and what the system said."""
+    where = f" {e.filename}" if e.filename is not None else ""
+    return UserError(f"cannot use{where}: {e.strerror or describe(e)}; check that path in the settings (set "
+                     "HYDRA_FULL_ERROR=1 for the traceback)")
+
+
 def exit_with(error: UserError) -> None:
     # A traceback helps nobody fix a typo in a setting; keep it for those who ask (Hydra's convention).
     if os.environ.get("HYDRA_FULL_ERROR") == "1":
         raise error
-    print(f"error: {error}", file=sys.stderr, flush=True)
+    with contextlib.suppress(OSError):  # stderr closed too (`2>&1 | head -1`): the status still says it
+        print(f"error: {error}", file=sys.stderr, flush=True)
     sys.exit(error.exit_code)
 
 
@@ -103,19 +110,89 @@ def _in_multirun() -> bool:
     return HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN
 
 
+def reader_gone(e: BaseException) -> bool:
+    """The write failed because nobody reads any more: a closed pipe (`| head -1`) or a hung-up terminal."""
+    return isinstance(e, OSError) and e.errno in (errno.EPIPE, errno.EIO)
+
+
+class ToleratesClosedReader:
+    """A stand-in for sys.stdout or sys.stderr. Once a write finds that the reader is gone, the rest of the output goes
+    to /dev/null, so that the command finishes its work (its results are files, written before they are printed)
+    instead of dying on the next print or log line."""
+
+    def __init__(self, stream):
+        self.stream = stream
+
+    def _gone(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self.stream.fileno())  # the same descriptor, now a sink: the buffered text drains there
+        os.close(devnull)
+
+    def write(self, text: str) -> int:
+        try:
+            return self.stream.write(text)
+        except OSError as e:
+            if not reader_gone(e):
+                raise
+            self._gone()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self.stream.flush()
+        except OSError as e:
+            if not reader_gone(e):
+                raise
+            self._gone()
+            self.stream.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def readers_may_leave():
+    """sys.stdout and sys.stderr, and the log handlers that write to them, tolerate a reader that leaves early."""
+    saved = sys.stdout, sys.stderr
+    handlers = [h for name in [None, *logging.root.manager.loggerDict] for h in logging.getLogger(name).handlers
+                if type(h) is logging.StreamHandler and h.stream in saved]
+    sys.stdout, sys.stderr = (s if isinstance(s, ToleratesClosedReader) or not hasattr(s, "fileno")
+                              else ToleratesClosedReader(s) for s in saved)
+    streams = {id(old): new for old, new in zip(saved, (sys.stdout, sys.stderr))}
+    previous = [(h, h.stream) for h in handlers]
+    for h in handlers:
+        h.setStream(streams[id(h.stream)])
+    try:
+        yield
+    finally:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()  # now, while a closed pipe is still tolerated, not at exit (status 120)
+        for h, stream in previous:
+            h.setStream(stream)
+        sys.stdout, sys.stderr = saved
+
+
 def entry_point(task):
     """Wrap a Hydra task (`@hydra.main` above, this below): a `UserError` becomes one line on stderr and its exit
     status. In a sweep the error is logged and re-raised as `JobFailed` instead, so that one bad job does not end the
     others (Hydra's launcher records the failure, vae.sweep lists it in the summary; a sweeper such as Optuna marks
-    the trial failed and goes on)."""
+    the trial failed and goes on). Before the task: keys outside the schema are refused; during it, a reader of the
+    output that leaves early (`| head -1`) costs nothing; a file-system error that names its path is one line too."""
 
     @functools.wraps(task)
     def wrapper(cfg):
         try:
-            from vae.config import check_known_settings  # not at the top: vae.config imports this module
+            try:
+                from vae.config import check_known_settings  # not at the top: vae.config imports this module
 
-            check_known_settings(cfg)  # `+key=` and `~key` slip past Hydra's schema check: refuse them first
-            return task(cfg)
+                check_known_settings(cfg)  # `+key=` and `~key` slip past Hydra's schema check: refuse them first
+                with readers_may_leave():
+                    return task(cfg)
+            except OSError as e:
+                if isinstance(e, UserError) or e.filename is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
+                    raise
+                raise os_error(e) from e
         except UserError as e:
             if _in_multirun():
                 from hydra.core.hydra_config import HydraConfig

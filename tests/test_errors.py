@@ -1,0 +1,75 @@
+"""vae/errors.py: one line per failure, memory errors named as such, and a reader that leaves early costs nothing."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO, subprocess_env
+from vae.errors import UserError, describe, is_out_of_memory, memory_hint, shorten
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_shortened_text_never_ends_inside_a_number():
+    for limit in range(20, len(CPU_OOM)):
+        text = shorten(CPU_OOM, limit)
+        assert len(text) <= limit and text.endswith("...")
+        assert CPU_OOM.startswith(text[:-3]) and CPU_OOM[len(text) - 3] in " ,.:;", (limit, text)
+    assert "4000000" not in describe(RuntimeError(CPU_OOM), 120)
+
+
+def test_numpy_and_python_memory_errors_count_as_out_of_memory():
+    try:
+        np.empty((2**62,), dtype=np.uint8)
+    except MemoryError as e:  # numpy's _ArrayMemoryError
+        assert is_out_of_memory(e)
+    assert is_out_of_memory(MemoryError())
+    assert is_out_of_memory(RuntimeError(CPU_OOM))
+    assert not is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+@pytest.mark.parametrize("error, size", [
+    (RuntimeError(CPU_OOM), "37.3 GiB"),
+    (RuntimeError("CUDA out of memory. Tried to allocate 95.37 GiB. GPU 0 has a total capacity of 79.19 GiB"),
+     "95.37 GiB"),
+    (None, "4.00 EiB"),  # numpy's own message
+])
+def test_the_memory_hint_says_how_much_and_names_the_settings(error, size):
+    with pytest.raises(UserError) as e, memory_hint("while testing", "estimator_samples=100000 x batch_size=100"):
+        if error is None:
+            np.empty((2**62,), dtype=np.uint8)
+        raise error
+    message = str(e.value)
+    assert message.startswith("out of memory while testing (it asked for ") and size in message
+    assert message.endswith("its size grows with estimator_samples=100000 x batch_size=100: lower them")
+
+
+READER_GONE = r"""
+import logging, sys
+from vae.errors import readers_may_leave
+handler = logging.StreamHandler(sys.stdout)
+logging.basicConfig(level=logging.INFO, handlers=[handler])
+with readers_may_leave():
+    for i in range(1000):
+        print("line", i)
+        logging.getLogger("x").info("log line %d", i)
+    open(sys.argv[1], "w").write("done")
+"""
+
+
+def test_a_reader_that_leaves_early_costs_nothing(tmp_path):
+    """`command | head -1`: once the pipe is closed, prints and log lines go nowhere and the work goes on."""
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-c", READER_GONE, str(tmp_path / "result")], cwd=REPO, stdout=write,
+                              stderr=subprocess.PIPE, text=True, env=subprocess_env(), timeout=120)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0 and proc.stderr == ""
+    assert (tmp_path / "result").read_text() == "done"
