@@ -23,6 +23,7 @@ from omegaconf import DictConfig
 
 from vae.checkpoint import RunCheckpoints
 from vae.checks import check_new_run_dir, resolve_device, resolve_run, validate
+from vae.data.verify import split_md5
 from vae.engine import configure_device, pick_modes
 from vae.errors import TrainingDiverged, entry_point, memory_hint
 from vae.device_data import load_device_splits
@@ -58,6 +59,7 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
         if cfg.device == "auto" and device.type == "cpu":
             log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
         train_split, test_split = load_device_splits(cfg.data, device)
+        checkpoints.extra["data_md5"] = split_md5(cfg.data, "test")  # vae.evaluate checks it scores these files
         steps_left = cfg.epochs * (train_split.n // cfg.batch_size) - (resumed["step"] if resumed else 0)
         compile_mode, graph_mode = pick_modes(device, cfg.compile, cfg.cuda_graph, steps_left,
                                               cfg.compile_min_steps)

@@ -56,7 +56,8 @@ def test_an_os_error_while_checking_is_one_line(tiny_data, tmp_path, capsys):
 
 def test_an_output_file_in_a_place_that_cannot_hold_one_is_refused(tmp_path):
     (tmp_path / "file").write_text("")
-    with pytest.raises(UserError, match="out=.*is not writable"):
+    with pytest.raises(UserError, match=f"out: {tmp_path / 'file' / 'x.json'} cannot be written \\(.*file is a file, "
+                                        "not a directory\\); choose another out"):
         check_output_file(tmp_path / "file" / "x.json", "out")
     check_output_file(tmp_path / "new" / "x.json", "out")  # a directory that can be created is fine
     assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []

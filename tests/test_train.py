@@ -155,3 +155,12 @@ def test_a_closed_stdout_costs_no_result(tiny_data, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
     assert (run_dir / "metrics.json").is_file() and "done: test loss" in (run_dir / "train.log").read_text()
+
+
+def test_checkpoints_record_the_md5s_of_the_test_files(hard_run, tiny_data):
+    from idx import md5_sums
+
+    run_dir, _ = hard_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    sums = md5_sums(tiny_data / "MNIST" / "raw")
+    assert ckpt["data_md5"] == {k: sums[k] for k in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

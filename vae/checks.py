@@ -23,12 +23,11 @@ THREADS_PER_CPU = 4  # threads beyond this many per CPU only slow a run down (an
 IMAGE_FLOATS = 784
 
 
-def check_writable(path: Path, key: str, value=None) -> None:
+def check_writable(path: Path, key: str) -> None:
     """The nearest existing ancestor of `path` must be a writable directory: we will create the rest. Whatever the
-    file system says while we look (a name too long, a loop of links) is one line too. `value`: the setting as
-    given, when `path` is derived from it (the directory of an `out=` file)."""
+    file system says while we look (a name too long, a loop of links) is one line too."""
     path = Path(path)
-    shown = str(path if value is None else value)
+    shown = str(path)
     p = path.absolute()
     try:
         while not p.exists():
@@ -60,10 +59,11 @@ def check_name_lengths(path: Path, existing: Path, key: str, shown: str) -> None
                         f"{path_max - 1} this file system allows; choose a shorter {key}")
 
 
-def check_output_file(path: Path, key: str) -> None:
+def check_output_file(path: Path, key: str, fix: str = "") -> None:
     """A file a command writes at its end (`out=`): refuse, before any work, one that is not a regular file (the
     atomic write would replace it) or that cannot be written. Creates its directory and writes (and removes) a
-    temporary file there: access() alone misses some read-only file systems."""
+    temporary file there: access() misses read-only file systems that it does not know, and knows nothing for root.
+    `fix`: what to do instead (default: choose another `key`)."""
     import tempfile
 
     from vae.atomic import TMP_PREFIX, not_a_regular_file
@@ -72,14 +72,18 @@ def check_output_file(path: Path, key: str) -> None:
     try:
         kind = not_a_regular_file(path)
         if kind:
-            raise UserError(f"{key}={str(path)!r} is {kind}, not a file, and writing the results would replace it; "
-                            "choose a file path")
-        check_writable(path.parent, key, value=path)
+            raise UserError(f"{key}: {path} is {kind}, not a file, and writing the results would replace it; "
+                            f"{fix or 'choose a file path'}")
+        existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"{key}: {path} cannot be written ({existing} is a file, not a directory); "
+                            f"{fix or f'choose another {key}'}")
         path.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryFile(prefix=TMP_PREFIX, dir=path.parent):
             pass
     except OSError as e:
-        raise UserError(f"{key}={str(path)!r} cannot be written ({e.strerror or e}); choose another path") from None
+        raise UserError(f"{key}: {path} cannot be written ({e.strerror or e}); {fix or f'choose another {key}'}") \
+            from None
 
 
 def resolve_device(name: str):

@@ -71,6 +71,12 @@ def file_digest(path: Path, algorithm: str = "md5", progress: Optional[bool] = F
     return h.hexdigest()
 
 
+def split_md5(data_cfg, split: str) -> Dict[str, str]:
+    """The MD5 of each file of `split` in data.root: what a checkpoint records of the data it was tested on."""
+    raw = raw_dir(data_cfg)
+    return {name: file_digest(raw / name) for name in SPLITS[split]}
+
+
 def stamp(st: os.stat_result) -> Dict[str, int]:
     # ctime too: writing a byte and then putting the old mtime back (os.utime) still changes the ctime.
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
