@@ -43,7 +43,7 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     from vae.tensorboard import TensorBoardLog, log_hparams
-    from vae.trainer import Trainer
+    from vae.trainer import Trainer, training_sizes
 
     hydra_cfg = HydraConfig.get()
     validate(cfg, check_resume=False)  # again: in a multirun, each job's values are only known here
@@ -121,22 +121,6 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     return results["test_loss"]
 
 
-def training_sizes(cfg: DictConfig) -> str:
-    """The settings that size training's memory, those of the estimator first: what an out-of-memory error names."""
-    from vae.config import estimator_name
-    from vae.estimators import MULTI_SAMPLE, default_samples
-
-    name = estimator_name(cfg)
-    sizes = (f"batch_size={cfg.batch_size}, eval.batch_size={cfg.eval.batch_size} and the code, latent_dim x "
-             f"categorical_dim = {cfg.latent_dim} x {cfg.categorical_dim}")
-    if name in MULTI_SAMPLE:  # every image is decoded (rloo) or relaxed (gumbel_rao) this many times per step
-        samples = default_samples(name) if cfg.estimator_samples is None else cfg.estimator_samples
-        return f"estimator_samples={samples} (estimator={name}'s samples per image) x {sizes}"
-    if name == "exact":  # every image is decoded at each of the K^N codes
-        return f"the K^N = {cfg.categorical_dim}^{cfg.latent_dim} codes of estimator=exact x {sizes}"
-    return sizes
-
-
 def final_iw_bound(cfg: DictConfig, trainer, test_split, tb, stop) -> Optional[float]:
     """The importance-weighted bound on -log p(x) of the test set (Burda et al. 2016), as the paper reports it;
     None if Ctrl-C / SIGTERM came first."""
@@ -159,4 +143,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from vae.config_files import check_config_files
+
+    check_config_files(__file__)  # a YAML named with --config-*: one line, not Hydra's traceback or hang
     main()

@@ -122,20 +122,6 @@ def test_resume_is_bit_exact_for_an_estimator_with_state(tiny_data, tmp_path, es
     assert all(torch.equal(whole["estimator"][k], resumed["estimator"][k]) for k in whole["estimator"])
 
 
-@pytest.mark.parametrize("overrides, first", [
-    ([], "batch_size=100"),
-    (["estimator=rloo", "estimator_samples=100000"], "estimator_samples=100000 (estimator=rloo's samples per image)"),
-    (["estimator=gumbel_rao"], "estimator_samples=10 (estimator=gumbel_rao's samples per image)"),
-    (["estimator=exact", "latent_dim=4", "categorical_dim=4"], "the K^N = 4^4 codes of estimator=exact"),
-])
-def test_an_out_of_memory_hint_names_what_sizes_the_step_first(overrides, first):
-    from conftest import compose_train
-    from train import training_sizes
-
-    cfg = compose_train(*overrides)
-    assert training_sizes(cfg).startswith(first)
-
-
 def test_a_closed_stdout_costs_no_result(tiny_data, tmp_path):
     """`python train.py | head -1`: the reader leaves; the run goes on, quietly, and writes everything."""
     import os

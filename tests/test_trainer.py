@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import train_in_process
+from conftest import compose_train, train_in_process
 from vae.errors import TrainingDiverged
-from vae.trainer import Trainer
+from vae.trainer import Trainer, training_sizes
 
 
 @pytest.fixture
@@ -42,3 +42,13 @@ def test_a_test_loss_exploding_to_huge_finite_values_is_divergence(tiny_data, ru
         train_in_process(tiny_data, run_dir, f"resume={run_dir / 'checkpoints' / 'last.pt'}", "epochs=2")
     assert saved(run_dir) == before
 
+
+@pytest.mark.parametrize("overrides, first", [
+    ([], "batch_size=100"),
+    (["estimator=rloo", "estimator_samples=100000"], "estimator_samples=100000 (estimator=rloo's samples per image)"),
+    (["estimator=gumbel_rao"], "estimator_samples=10 (estimator=gumbel_rao's samples per image)"),
+    (["estimator=exact", "latent_dim=4", "categorical_dim=4"], "the K^N = 4^4 codes of estimator=exact"),
+])
+def test_an_out_of_memory_hint_names_what_sizes_the_step_first(overrides, first):
+    cfg = compose_train(*overrides)
+    assert training_sizes(cfg).startswith(first)

@@ -2,23 +2,22 @@
 
 Hydra composes `configs/config.yaml` on top of the `Config` dataclass below, so an unknown key or a wrong
 type (`temperature=abc`) fails at composition time; `validate_ranges` gives every out-of-range value one line.
-Hydra lets `+key=` add, and `~key` delete, keys even so: `check_known_settings` refuses both, for every command.
+Hydra lets `+key=` add, and `~key` delete, keys even so: vae/schema.py finds both, for every command.
 """
 from __future__ import annotations
 
-import dataclasses
-import difflib
 import hashlib
 import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, List, Optional, Tuple
+from typing import Any, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from vae.errors import UserError
+from vae.schema import undeclared_settings
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_DIR / "configs"
@@ -160,42 +159,6 @@ MAX_IMAGES = 1024  # recon_images, prior_samples: image grids, drawn every epoch
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
-def unknown_settings(cfg: DictConfig, prefix: str = "") -> Tuple[List[str], List[str]]:
-    """(keys that no schema declares, keys a schema declares that are gone), as dotted paths, in every part of `cfg`
-    that Hydra built on a schema dataclass. Hydra's own `hydra` node is not a setting of ours."""
-    schema = OmegaConf.get_type(cfg)
-    unknown: List[str] = []
-    missing: List[str] = []
-    names = [f.name for f in dataclasses.fields(schema)] if dataclasses.is_dataclass(schema) else None
-    for key in cfg.keys():
-        if names is not None and key not in names and not (prefix == "" and key == "hydra"):
-            unknown.append(prefix + str(key))
-        elif OmegaConf.is_dict(cfg._get_node(key)) and key != "hydra":
-            more_unknown, more_missing = unknown_settings(cfg._get_node(key), f"{prefix}{key}.")
-            unknown += more_unknown
-            missing += more_missing
-    missing += [prefix + name for name in names or () if name not in cfg]
-    return unknown, missing
-
-
-def check_known_settings(cfg: DictConfig) -> None:
-    """Refuse a key that the command's schema does not declare (`+lattent_dim=20`, which Hydra's own message about a
-    typo suggests), and a declared one deleted with `~key`: the first would be ignored, the second read anyway."""
-    unknown, missing = unknown_settings(cfg)
-    if unknown:
-        key = unknown[0]
-        parent, _, name = key.rpartition(".")
-        node = OmegaConf.select(cfg, parent) if parent else cfg
-        schema = OmegaConf.get_type(node)
-        close = difflib.get_close_matches(name, [f.name for f in dataclasses.fields(schema)], n=1)
-        hint = f"did you mean {parent + '.' if parent else ''}{close[0]}? " if close else ""
-        raise UserError(f"{key} is not a setting of this command ({hint}`--cfg job` lists them): a + or ++ before a "
-                        "key cannot add settings")
-    if missing:
-        raise UserError(f"{missing[0]} is a setting every run needs and cannot be deleted (~{missing[0]}); set it "
-                        f"instead, e.g. {missing[0]}=...")
-
-
 def check(ok: bool, key: str, value: Any, allowed: str) -> None:
     """Raise the one-line error for a setting outside what is allowed."""
     if not ok:
@@ -228,7 +191,9 @@ def check_optimizer(opt: DictConfig) -> None:
 
 def validate_ranges(cfg: DictConfig) -> None:
     """Range checks on the values alone (no file system, no devices)."""
-    check_known_settings(cfg)
+    undeclared = undeclared_settings(cfg)
+    if undeclared:
+        raise UserError(undeclared)
 
     def finite(v: float) -> bool:
         return isinstance(v, (int, float)) and math.isfinite(v)

@@ -12,6 +12,8 @@ import sys
 
 from hydra.errors import CompactHydraException
 
+from vae.schema import undeclared_settings
+
 
 class UserError(Exception):
     """A problem the user can fix (bad setting, missing file, no GPU).
@@ -184,9 +186,9 @@ def entry_point(task):
     def wrapper(cfg):
         try:
             try:
-                from vae.config import check_known_settings  # not at the top: vae.config imports this module
-
-                check_known_settings(cfg)  # `+key=` and `~key` slip past Hydra's schema check: refuse them first
+                undeclared = undeclared_settings(cfg)  # `+key=` and `~key` slip past Hydra's schema check
+                if undeclared:
+                    raise UserError(undeclared)
                 with readers_may_leave():
                     return task(cfg)
             except OSError as e:

@@ -21,7 +21,7 @@ from vae.checkpoint import FORMAT
 from vae.config import estimator_name
 from vae.engine import (TrainStep, load_optimizer_state_, make_generators, make_optimizer, set_lr_)
 from vae.errors import TrainingDiverged, UserError, describe
-from vae.estimators import make_estimator
+from vae.estimators import MULTI_SAMPLE, default_samples, make_estimator
 from vae.model import CategoricalVAE
 from vae.schedule import tau_for
 
@@ -281,3 +281,16 @@ class Trainer:
         return (f"the loss became NaN/inf or exploded past {DIVERGED_LOSS:g} nats {where}, tau {self.state.tau:.3g}); "
                 f"try a smaller lr (now {self.cfg.lr:g}) "
                 f"or a higher temp_min (now {self.cfg.temp_min:g})")
+
+
+def training_sizes(cfg: DictConfig) -> str:
+    """The settings that size training's memory, those of the estimator first: what an out-of-memory error names."""
+    name = estimator_name(cfg)
+    sizes = (f"batch_size={cfg.batch_size}, eval.batch_size={cfg.eval.batch_size} and the code, latent_dim x "
+             f"categorical_dim = {cfg.latent_dim} x {cfg.categorical_dim}")
+    if name in MULTI_SAMPLE:  # every image is decoded (rloo) or relaxed (gumbel_rao) this many times per step
+        samples = default_samples(name) if cfg.estimator_samples is None else cfg.estimator_samples
+        return f"estimator_samples={samples} (estimator={name}'s samples per image) x {sizes}"
+    if name == "exact":  # every image is decoded at each of the K^N codes
+        return f"the K^N = {cfg.categorical_dim}^{cfg.latent_dim} codes of estimator=exact x {sizes}"
+    return sizes
