@@ -73,3 +73,24 @@ def test_a_reader_that_leaves_early_costs_nothing(tmp_path):
         os.close(write)
     assert proc.returncode == 0 and proc.stderr == ""
     assert (tmp_path / "result").read_text() == "done"
+
+
+def test_an_entry_point_turns_memory_and_file_system_errors_into_one_line(capsys):
+    from vae.errors import entry_point
+
+    def failing(error):
+        @entry_point
+        def task(cfg):
+            raise error
+        return task
+
+    for error, needle in ((RuntimeError(CPU_OOM), "error: out of memory (it asked for 37.3 GiB at once): lower the "),
+                          (MemoryError(), "error: out of memory: lower the settings"),
+                          (IsADirectoryError(21, "Is a directory", "/x/y"), "error: cannot use /x/y: Is a directory")):
+        with pytest.raises(SystemExit) as e:
+            failing(error)({})
+        assert e.value.code == 2
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(needle), lines
+    with pytest.raises(ZeroDivisionError):  # a bug keeps its traceback
+        failing(ZeroDivisionError())({})

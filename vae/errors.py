@@ -9,6 +9,7 @@ import logging
 import os
 import re
 import sys
+from typing import Optional
 
 from hydra.errors import CompactHydraException
 
@@ -175,33 +176,48 @@ def readers_may_leave():
         sys.stdout, sys.stderr = saved
 
 
+def as_user_error(e: Exception) -> Optional[UserError]:
+    """`e` as the one line a user can act on: a UserError as it is, and two failures that arrive as other types (a
+    file-system error that names its path, an allocation that failed); None for anything else, a bug, whose traceback
+    helps. With HYDRA_FULL_ERROR=1 only a UserError: the traceback was asked for."""
+    if isinstance(e, UserError):
+        return e
+    if os.environ.get("HYDRA_FULL_ERROR") == "1":
+        return None
+    if isinstance(e, OSError) and e.filename is not None:
+        return os_error(e)
+    if is_out_of_memory(e):  # one that no memory_hint of the command named
+        size = allocation_size(e)
+        return UserError(f"out of memory{f' (it asked for {size} at once)' if size else ''}: lower the settings that "
+                         "size the work (batch sizes, samples, the model's latent_dim x categorical_dim)")
+    return None
+
+
 def entry_point(task):
     """Wrap a Hydra task (`@hydra.main` above, this below): a `UserError` becomes one line on stderr and its exit
     status. In a sweep the error is logged and re-raised as `JobFailed` instead, so that one bad job does not end the
     others (Hydra's launcher records the failure, vae.sweep lists it in the summary; a sweeper such as Optuna marks
-    the trial failed and goes on). Before the task: keys outside the schema are refused; during it, a reader of the
-    output that leaves early (`| head -1`) costs nothing; a file-system error that names its path is one line too."""
+    the trial failed and goes on). Before the task, keys outside the schema are refused; during it, a reader of the
+    output that leaves early (`| head -1`) costs nothing (`readers_may_leave`)."""
 
     @functools.wraps(task)
     def wrapper(cfg):
         try:
-            try:
-                undeclared = undeclared_settings(cfg)  # `+key=` and `~key` slip past Hydra's schema check
-                if undeclared:
-                    raise UserError(undeclared)
-                with readers_may_leave():
-                    return task(cfg)
-            except OSError as e:
-                if isinstance(e, UserError) or e.filename is None or os.environ.get("HYDRA_FULL_ERROR") == "1":
-                    raise
-                raise os_error(e) from e
-        except UserError as e:
+            undeclared = undeclared_settings(cfg)  # `+key=` and `~key` slip past Hydra's schema check
+            if undeclared:
+                raise UserError(undeclared)
+            with readers_may_leave():
+                return task(cfg)
+        except Exception as e:
+            error = as_user_error(e)
+            if error is None:
+                raise
             if _in_multirun():
                 from hydra.core.hydra_config import HydraConfig
 
-                logging.getLogger(task.__module__).error("error: %s", e)
+                logging.getLogger(task.__module__).error("error: %s", error)
                 summary = os.path.join(HydraConfig.get().sweep.dir, "summary.md")
-                raise JobFailed(f"{e} (every job that ran is listed in {summary})") from e
-            exit_with(e)
+                raise JobFailed(f"{error} (every job that ran is listed in {summary})") from e
+            exit_with(error)
 
     return wrapper
