@@ -82,9 +82,14 @@ def not_a_regular_file(path: Path) -> Optional[str]:
         mode = os.stat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return None
+    return None if stat.S_ISREG(mode) else kind_of(mode)
+
+
+def kind_of(mode: int) -> str:
+    """What a file of this `st_mode` is, for a message: "a FIFO", "a directory", "a character device"..."""
     if stat.S_ISREG(mode):
-        return None
-    return next((kind for test, kind in _KINDS if test(mode)), "not a regular file")
+        return "a regular file"
+    return next((kind for test, kind in _KINDS if test(mode)), "a special file")
 
 
 def check_replaceable(dest: Path, what: str = "") -> None:

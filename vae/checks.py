@@ -26,36 +26,35 @@ IMAGE_FLOATS = 784
 def check_writable(path: Path, key: str) -> None:
     """The nearest existing ancestor of `path` must be a writable directory: we will create the rest. Whatever the
     file system says while we look (a name too long, a loop of links) is one line too."""
-    path = Path(path)
-    shown = str(path)
-    p = path.absolute()
+    p = Path(path).absolute()
     try:
         while not p.exists():
             if p.parent == p:
                 break
             p = p.parent
-        check_name_lengths(path.absolute(), p, key, shown)
+        check_name_lengths(Path(path), p, key)
     except OSError as e:
-        raise UserError(f"{key}={shown!r} cannot be used ({e.strerror or e}); choose another with {key}=...") from None
+        raise UserError(f"{key}={str(path)!r} cannot be used ({e.strerror or e}); choose another with "
+                        f"{key}=<dir>") from None
     if p.exists() and not p.is_dir():
-        raise UserError(f"{key}={shown!r} is not writable ({p} is a file, not a directory); choose a directory "
+        raise UserError(f"{key}={str(path)!r} is not writable ({p} is a file, not a directory); choose a directory "
                         f"with {key}=<dir>")
     if not os.access(p, os.W_OK | os.X_OK):
-        raise UserError(f"{key}={shown!r} is not writable ({p} is not a writable directory); "
-                        f"choose another with {key}=... or fix its permissions")
+        raise UserError(f"{key}={str(path)!r} is not writable ({p} is not a writable directory); "
+                        f"choose another with {key}=<dir> or fix its permissions")
 
 
-def check_name_lengths(path: Path, existing: Path, key: str, shown: str) -> None:
+def check_name_lengths(path: Path, existing: Path, key: str) -> None:
     """The names we would create below `existing` must fit its file system (often 255 bytes a name, 4096 a path):
     Hydra creates the run directory before the run starts, and would fail with a traceback."""
     name_max = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
     path_max = os.pathconf(existing, "PC_PATH_MAX") if existing.is_dir() else 4096
-    longest = max(path.parts, key=lambda part: len(os.fsencode(part)))
-    if len(os.fsencode(longest)) > name_max:
-        raise UserError(f"{key}={shown!r} holds a name of {len(os.fsencode(longest))} bytes, more than the "
-                        f"{name_max} this file system allows; choose a shorter {key}")
-    if len(os.fsencode(str(path))) >= path_max:
-        raise UserError(f"{key}={shown!r} is {len(os.fsencode(str(path)))} bytes long, more than the "
+    longest = max(len(os.fsencode(part)) for part in path.absolute().parts)
+    if longest > name_max:
+        raise UserError(f"{key}={str(path)!r} holds a name of {longest} bytes, more than the {name_max} this file "
+                        f"system allows; choose a shorter {key}")
+    if len(os.fsencode(str(path.absolute()))) >= path_max:
+        raise UserError(f"{key}={str(path)!r} is {len(os.fsencode(str(path.absolute())))} bytes long, more than the "
                         f"{path_max - 1} this file system allows; choose a shorter {key}")
 
 

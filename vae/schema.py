@@ -46,6 +46,6 @@ def undeclared_settings(cfg: DictConfig) -> Optional[str]:
         return (f"{key} is not a setting of this command ({hint}`--cfg job` lists them): a + or ++ before a key "
                 "cannot add settings")
     if missing:
-        return (f"{missing[0]} is a setting every run needs and cannot be deleted (~{missing[0]}); set it instead, e.g. "
-                f"{missing[0]}=...")
+        return (f"{missing[0]} is a setting every run needs and cannot be deleted (~{missing[0]}); set it instead, "
+                f"e.g. {missing[0]}=...")
     return None

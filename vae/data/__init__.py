@@ -29,6 +29,7 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
+from vae.atomic import kind_of
 from vae.errors import UserError
 
 Log = Callable[[str], Any]
@@ -109,7 +110,7 @@ def open_regular(path: Path) -> BinaryIO:
     try:
         mode = os.fstat(fd).st_mode
         if not stat.S_ISREG(mode):
-            raise BadFile(f"not a regular file ({'a FIFO' if stat.S_ISFIFO(mode) else 'a device or socket'})")
+            raise BadFile(f"not a regular file ({kind_of(mode)})")
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
     except BaseException:
