@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from vae.checkpoint import RunCheckpoints
 from vae.errors import TrainingDiverged, entry_point, memory_hint
-from vae.data import dataset_title
+from vae.data import data_fingerprint, dataset_title
 from vae.device_data import load_device_splits
 from vae.gumbel import sample_gumbel
 from vae.plan import take as take_plan
@@ -43,21 +43,20 @@ def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     from vae.snr import GradientSNR
     from vae.tensorboard import TensorBoardLog, log_hparams
     from vae.tracking import trackers
-    from vae.trainer import Trainer
+    from vae.trainer import Trainer, training_sizes
 
     hydra_cfg = HydraConfig.get()
     plan = take_plan(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task)  # made once (vae/plan.py)
     cfg, run_dir, device, resumed = plan.cfg, plan.run_dir, plan.device, plan.resumed
     held.enter_context(locked(run_dir, resuming=plan.in_place))  # one train.py per run directory
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
-    sizes = f"batch_size={cfg.batch_size}, eval.batch_size={cfg.eval.batch_size} and the code, latent_dim x " \
-            f"categorical_dim = {cfg.latent_dim} x {cfg.categorical_dim}"
-    held.enter_context(memory_hint("while training", sizes))
+    held.enter_context(memory_hint("while training", training_sizes(cfg)))
 
     with stop.at_once("during start-up"):  # nothing to save yet: a signal here ends the run at once
         if cfg.device == "auto" and device.type == "cpu":
             log.warning("no CUDA GPU visible: training on the CPU (on Docker, did you pass --gpus all?)")
         train_split, test_split, val_split = load_device_splits(cfg.data, device)
+        checkpoints.extra["data_md5"] = data_fingerprint(cfg.data)  # vae.evaluate checks it scores these files
         compile_mode, graph_mode = plan.modes(cfg.epochs * (train_split.n // cfg.batch_size)
                                               - (resumed["step"] if resumed else 0))
         log.info("run directory %s%s | device %s | compile=%s cuda_graph=%s | %s: %d train, %d validation, %d test "
@@ -141,4 +140,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
+    from vae.config_files import check_config_files
+
+    check_config_files(__file__)  # a YAML named with --config-*: one line, not Hydra's traceback or hang
     main()

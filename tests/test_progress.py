@@ -1,4 +1,6 @@
-"""vae/progress.py: the epoch's log line."""
+"""vae/progress.py: the epoch's log line.
+
+Also: vae/progress.py: every signal that would end a run by default stops it cleanly instead (save, hint, status)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,6 +9,9 @@ import pytest
 
 from vae.estimators import ESTIMATORS, make_estimator
 from vae.progress import ProgressBar
+import signal
+import torch
+from vae.progress import SIGNAL_EXIT, StopFlag
 
 USE_TAU = {"gumbel", "st_gumbel", "annealed_st", "gumbel_rao", "reinmax"}
 
@@ -23,3 +28,32 @@ def test_the_epoch_line_shows_tau_only_for_estimators_that_use_one(name, caplog)
     line = caplog.records[-1].getMessage()
     assert line.startswith("epoch 1/2 | train loss 101.00 | test loss 100.00 | test -elbo (discrete) 100.50")
     assert ("| tau 0.8765 |" in line) == (name in USE_TAU), line
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGINT, 130), (signal.SIGTERM, 143), (signal.SIGHUP, 129),
+                                         (signal.SIGQUIT, 131), (signal.SIGUSR1, 138)])
+def test_each_stopping_signal_sets_the_flag_and_its_shell_status(sig, status):
+    before = signal.getsignal(sig)
+    with StopFlag() as stop:
+        assert signal.getsignal(sig) == stop._handle  # else the signal's default would end this process
+        signal.raise_signal(sig)
+        assert stop() and stop.name == signal.Signals(sig).name and stop.exit_code == status
+    assert signal.getsignal(sig) == before
+    assert SIGNAL_EXIT[sig] == 128 + sig
+
+
+def test_sighup_during_training_saves_and_says_how_to_resume(tmp_path):
+    """An ssh session that closes sends SIGHUP: the run saves last.pt mid-epoch and exits 129."""
+    from test_robustness import interrupt_during, logged_past, long_overrides
+    from idx import make_tiny_dataset
+
+    data = tmp_path / "data"
+    make_tiny_dataset(data, n_train=2000, n_test=40, seed=1)
+    run_dir = tmp_path / "run"
+    proc = interrupt_during(long_overrides(data, run_dir, "epochs=3"), "epoch 1/3", signal.SIGHUP,
+                            ready=logged_past(run_dir, 500))
+    assert proc.returncode == 129, proc.stdout
+    assert "stopped by SIGHUP" in proc.stdout and "resume=" in proc.stdout and "Traceback" not in proc.stdout
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["epoch_step"] < 500
+    assert not list((run_dir / "checkpoints").glob(".tmp-*"))

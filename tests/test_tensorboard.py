@@ -1,16 +1,19 @@
 """vae/tensorboard.py: the HParams tab holds every setting that can tell two runs apart, and shows the ones people
-compare first."""
+compare first.
+
+Also: vae/tensorboard.py: the event file is written wherever the run directory is, whatever its name and the locale."""
 from __future__ import annotations
 
-from pathlib import Path
+import subprocess
+import sys
+
 
 import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose_train
 from vae.tensorboard import NOT_HPARAMS, SHOWN_HPARAMS, log_hparams
-
-REPO = Path(__file__).resolve().parent.parent
+from conftest import REPO, subprocess_env, tiny_overrides
 
 
 def task_config(*overrides):
@@ -93,3 +96,21 @@ def test_settings_out_of_the_hparams_tab_are_out_of_run_names_too():
         run_dir = compose("config", overrides=["threads=1", "log_interval=5", "compile=false", "temperature=2.0"],
                           return_hydra_config=True).hydra.run.dir
     assert run_dir.endswith("_temperature=2.0"), run_dir
+
+
+def test_a_non_ascii_run_directory_under_the_c_locale(tiny_data, tmp_path):
+    """LC_ALL=C without UTF-8 mode: Python decodes the name into surrogates, which TensorBoard's UTF-8 calls refuse
+    and the locale's ASCII refuses in the other direction."""
+    from test_train import events
+
+    run_dir = tmp_path / "résumé"
+    overrides = tiny_overrides(tiny_data, run_dir)
+    overrides = [o for o in overrides if not o.startswith("hydra.run.dir")] + [f"hydra.run.dir='{run_dir}'"]
+    env = subprocess_env(LC_ALL="C", PYTHONUTF8="0")
+    env.pop("LANG", None), env.pop("LC_CTYPE", None)
+    proc = subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, env=env, capture_output=True,
+                          timeout=240)
+    assert proc.returncode == 0, proc.stderr.decode(errors="replace")
+    assert b"Traceback" not in proc.stderr + proc.stdout and b"Logging error" not in proc.stderr + proc.stdout
+    assert events(run_dir).Scalars("test/loss")
+    assert f"run directory {run_dir}" in (run_dir / "train.log").read_text(encoding="utf-8")

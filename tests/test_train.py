@@ -125,3 +125,33 @@ def test_resume_is_bit_exact_for_an_estimator_with_state(tiny_data, tmp_path, es
     assert resumed["step"] == whole["step"] == 12
     assert all(torch.equal(whole["model"][k], resumed["model"][k]) for k in whole["model"])
     assert all(torch.equal(whole["estimator"][k], resumed["estimator"][k]) for k in whole["estimator"])
+
+
+def test_a_closed_stdout_costs_no_result(tiny_data, tmp_path):
+    """`python train.py | head -1`: the reader leaves; the run goes on, quietly, and writes everything."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO, subprocess_env
+
+    run_dir = tmp_path / "run"
+    read, write = os.pipe()
+    os.close(read)
+    try:
+        proc = subprocess.run([sys.executable, "train.py", *tiny_overrides(tiny_data, run_dir)], cwd=REPO,
+                              stdout=write, stderr=subprocess.PIPE, text=True, env=subprocess_env(), timeout=240)
+    finally:
+        os.close(write)
+    assert proc.returncode == 0, proc.stderr
+    assert "Logging error" not in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert (run_dir / "metrics.json").is_file() and "done: test loss" in (run_dir / "train.log").read_text()
+
+
+def test_checkpoints_record_the_md5s_of_the_test_files(hard_run, tiny_data):
+    from idx import md5_sums
+
+    run_dir, _ = hard_run
+    ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
+    sums = md5_sums(tiny_data / "MNIST" / "raw")
+    assert ckpt["data_md5"] == {k: sums[k] for k in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}

@@ -1,5 +1,7 @@
 """vae/trainer.py through train.py on tiny data: model selection on the validation split, the optimizer group,
-the model group, and your own data end to end (train, evaluate, sample, resume)."""
+the model group, and your own data end to end (train, evaluate, sample, resume).
+
+Also: vae/trainer.py: a loss that explodes, to NaN or to huge finite values, is divergence, and saves nothing."""
 from __future__ import annotations
 
 import json
@@ -9,7 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import train_in_process
+from conftest import compose_train, train_in_process
+from vae.errors import TrainingDiverged
+from vae.trainer import Trainer, training_sizes
 
 
 def best_epoch(run_dir):
@@ -108,3 +112,49 @@ def test_own_data_trains_evaluates_samples_and_resumes_with_its_own_name(own_dat
     assert x.shape == (4, *shape) and model.elbo(x).shape == (4,)
     resumed = train_in_process(own_data, tmp_path / "x", f"resume={run / 'checkpoints' / 'last.pt'}", "epochs=2")
     assert resumed["epochs"] == 2 and m["epochs"] == 1
+
+
+@pytest.fixture
+def run_dir(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    train_in_process(tiny_data, run_dir)
+    return run_dir
+
+
+def saved(run_dir):
+    return (run_dir / "checkpoints" / "last.pt").read_bytes(), (run_dir / "metrics.json").read_bytes()
+
+
+def test_a_training_loss_exploding_to_huge_finite_values_is_divergence(tiny_data, run_dir, monkeypatch):
+    before = saved(run_dir)
+    build = Trainer._build_step
+
+    def exploding(self):  # every step's loss, bce and kl x 1e35: about 5e37, finite in float32
+        build(self)
+        step = self.step_fn
+        self.step_fn = lambda *a: (lambda stats, norm: (stats * 1e35, norm))(*step(*a))
+
+    monkeypatch.setattr(Trainer, "_build_step", exploding)
+    with pytest.raises(TrainingDiverged, match=r"exploded past 1e\+10 nats at step 7 \(epoch 2"):
+        train_in_process(tiny_data, run_dir, f"resume={run_dir / 'checkpoints' / 'last.pt'}", "epochs=2")
+    assert saved(run_dir) == before
+
+
+def test_a_test_loss_exploding_to_huge_finite_values_is_divergence(tiny_data, run_dir, monkeypatch):
+    before = saved(run_dir)
+    monkeypatch.setattr(Trainer, "test", lambda self, split: {"loss": 1e35, "bce": 1e35, "kl": 1.0,
+                                                              "elbo_discrete": 1e35})
+    with pytest.raises(TrainingDiverged, match=r"exploded past 1e\+10 nats in epoch 2"):
+        train_in_process(tiny_data, run_dir, f"resume={run_dir / 'checkpoints' / 'last.pt'}", "epochs=2")
+    assert saved(run_dir) == before
+
+
+@pytest.mark.parametrize("overrides, first", [
+    ([], "batch_size=100"),
+    (["estimator=rloo", "estimator_samples=100000"], "estimator_samples=100000 (estimator=rloo's samples per image)"),
+    (["estimator=gumbel_rao"], "estimator_samples=10 (estimator=gumbel_rao's samples per image)"),
+    (["estimator=exact", "latent_dim=4", "categorical_dim=4"], "the K^N = 4^4 codes of estimator=exact"),
+])
+def test_an_out_of_memory_hint_names_what_sizes_the_step_first(overrides, first):
+    cfg = compose_train(*overrides)
+    assert training_sizes(cfg).startswith(first)

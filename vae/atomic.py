@@ -6,9 +6,14 @@ files are named `.tmp-*`; whoever owns a directory removes stray ones (they are 
 A write that fails (disk full, a file-size limit, permissions, an I/O error) raises `WriteFailed`, one line naming
 the file and the cause, whatever type the failure arrived as: `torch.save`, for one, reports a full disk as a
 RuntimeError of its own, with the OSError only in the exception's context.
+
+The rename replaces whatever has the target's name, so a target that is not a regular file (a directory, a FIFO, a
+socket, a device: `out=/dev/null` run as root would replace the system's /dev/null) is refused before anything is
+written (`check_replaceable`).
 """
 import errno
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
@@ -58,9 +63,44 @@ def write_failed(path: Path, e: BaseException, what: str = "", kept: Optional[st
     else:
         cause, fix = describe(e, 160), "free disk space or check the file system"
     if kept is None:
-        kept = f"the previous {path.name} is intact" if path.is_file() else ""
+        try:
+            kept = f"the previous {path.name} is intact" if path.is_file() else ""
+        except OSError:  # the path itself is the problem (too long, a loop of links)
+            kept = ""
     kept = f"; {kept}" if kept else ""
     return WriteFailed(f"could not write {what + ' ' if what else ''}{path}: {cause} ({fix}){kept}", path)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"),
+          (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+
+
+def not_a_regular_file(path: Path) -> Optional[str]:
+    """What `path` is ("a FIFO", "a directory", ...) when it exists and is not a regular file (a link is followed);
+    None for a regular file or nothing at all."""
+    try:
+        mode = os.stat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    return None if stat.S_ISREG(mode) else kind_of(mode)
+
+
+def kind_of(mode: int) -> str:
+    """What a file of this `st_mode` is, for a message: "a FIFO", "a directory", "a character device"..."""
+    if stat.S_ISREG(mode):
+        return "a regular file"
+    return next((kind for test, kind in _KINDS if test(mode)), "a special file")
+
+
+def check_replaceable(dest: Path, what: str = "") -> None:
+    """Refuse, before any work, a target that an atomic write must not rename a file over."""
+    try:
+        kind = not_a_regular_file(dest)
+    except OSError as e:  # a name too long, a loop of links, no permission to look
+        raise write_failed(dest, e, what) from None
+    if kind:
+        raise WriteFailed(f"could not write {what + ' ' if what else ''}{dest}: it is {kind}, not a regular file, "
+                          "and would be replaced (choose a file path)", dest)
 
 
 def _umask() -> int:
@@ -98,6 +138,7 @@ def atomic_write(dest: Path, write: Callable[[BinaryIO], Any], what: str = "") -
     """`write(file)` into a temporary file beside `dest`, then rename it to `dest`; `WriteFailed` if the file
     system fails (`what` names the file in that message, e.g. "checkpoint")."""
     dest = Path(dest)
+    check_replaceable(dest, what)
     try:
         tmp = write_temp(dest.parent, write)
         try:

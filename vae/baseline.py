@@ -24,7 +24,7 @@ from omegaconf import DictConfig
 
 from vae.bench_config import validate  # also registers the schema configs/bench.yaml composes
 from vae.config import CONFIG_DIR
-from vae.errors import UserError, entry_point
+from vae.errors import UserError, entry_point, memory_hint
 from vae.schedule import tau_for
 
 log = logging.getLogger("vae.baseline")
@@ -102,12 +102,17 @@ def main(cfg: DictConfig) -> None:
     validate(cfg)
     device = resolve_device(cfg.device)
     configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
-    runner = BaselineRun(cfg, device)
-    for epoch in range(1, max(1, round(cfg.epochs)) + 1):
-        t0 = time.perf_counter()
-        runner.run(runner.steps_per_epoch)
-        log.info("baseline epoch %d | train loss %.2f | %.2f s", epoch, runner.loss(), time.perf_counter() - t0)
+    with memory_hint("in the baseline", f"batch_size={cfg.batch_size} and the code, latent_dim x categorical_dim "
+                     f"= {cfg.latent_dim} x {cfg.categorical_dim}"):
+        runner = BaselineRun(cfg, device)
+        for epoch in range(1, max(1, round(cfg.epochs)) + 1):
+            t0 = time.perf_counter()
+            runner.run(runner.steps_per_epoch)
+            log.info("baseline epoch %d | train loss %.2f | %.2f s", epoch, runner.loss(), time.perf_counter() - t0)
 
 
 if __name__ == "__main__":
+    from vae.config_files import check_config_files
+
+    check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

@@ -31,7 +31,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae.atomic import atomic_write_text
 from vae.bench_config import MODES, validate  # the schema (registered there) and its checks
-from vae.checks import resolve_device
+from vae.checks import check_output_file, resolve_device
 from vae.config import CONFIG_DIR
 from vae.errors import UserError, describe, entry_point
 from vae.machine import machine_info
@@ -318,6 +318,8 @@ def bench(cfg: DictConfig) -> Dict[str, Any]:
     if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)  # the CUDA events record on the current device's stream
     out = Path(cfg.out).expanduser() if cfg.out else None
+    if out is not None:
+        check_output_file(out, "out")  # now, not after minutes of timing
     load_before = os.getloadavg()
     rows = build_rows(cfg, device)
     time_rows(cfg, rows, device)
@@ -346,10 +348,11 @@ def bench(cfg: DictConfig) -> Dict[str, Any]:
         "fastest_mode": min(ours, key=lambda d: d["s_per_epoch"])["mode"] if ours else None,
         "rows": summary,
     }
+    if out is not None:  # written before it is printed: a reader that leaves early (`| head`) costs nothing
+        out.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out, json.dumps(result, indent=2) + "\n", "benchmark results")
     print(format_table(result))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, json.dumps(result, indent=2) + "\n")
         print(f"wrote {out}")
     return result
 
@@ -361,4 +364,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from vae.config_files import check_config_files
+
+    check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

@@ -14,7 +14,7 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write, remove_stray_temporaries, write_failed
+from vae.atomic import atomic_write, not_a_regular_file, remove_stray_temporaries, write_failed
 from vae.config import ARCHITECTURE_KEYS, DATA_KEYS, Config
 from vae.engine import RNG_STREAMS
 from vae.errors import UserError, describe
@@ -51,11 +51,18 @@ def load_checkpoint(path, key: str = "resume", resume: bool = True) -> Dict[str,
         inside = next((c for c in (path / "checkpoints" / "last.pt", path / "last.pt") if c.is_file()), None)
         hint = f"did you mean {key}={inside}?" if inside else f"pass a file, e.g. {key}=<run>/checkpoints/last.pt"
         raise UserError(f"{key}={str(path)!r} is a directory, not a checkpoint; {hint}")
+    kind = not_a_regular_file(path)
+    if kind:  # a FIFO would block the load forever, a device stream without end
+        raise UserError(f"{key}={str(path)!r} is {kind}, not a checkpoint file; pass the path of a checkpoint, "
+                        f"e.g. {key}=outputs/<date>/<time>/checkpoints/last.pt")
     if not path.is_file():
         raise UserError(f"{key}={str(path)!r}: no such file; pass the path of a checkpoint, "
                         f"e.g. {key}=outputs/<date>/<time>/checkpoints/last.pt")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except PermissionError as e:  # the file is fine; this user may not read it (another file would be no better)
+        raise UserError(f"{key}={str(path)!r} cannot be read: {e.strerror}; make it readable (e.g. chmod u+r, or ask "
+                        "its owner) or run as a user who may read it") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError, AttributeError) as e:
         kind = "truncated or corrupt" if zipfile.is_zipfile(path) or path.stat().st_size > 0 else "empty"
         raise UserError(f"{key}={str(path)!r} is not a readable checkpoint ({kind}: {str(e).splitlines()[0][:120]}); "
@@ -271,11 +278,14 @@ class RunCheckpoints:
     def __init__(self, directory: Path):
         self.dir = Path(directory)
         self.last = self.dir / "last.pt"
+        # Saved beside the trainer's state: what the run read, e.g. `data_md5`, the MD5s of its test files, by which
+        # vae.evaluate tells the run's test set from other files under the same names.
+        self.extra: Dict[str, Any] = {}
         for stray in remove_stray_temporaries(self.dir):
             log.info("removed %s, left by a run killed while saving", stray.name)
 
     def save(self, trainer, name: str = "last.pt") -> None:
-        save_checkpoint(trainer.checkpoint(), self.dir / name)
+        save_checkpoint({**trainer.checkpoint(), **self.extra}, self.dir / name)
 
     def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
         self.save(trainer, "last.pt")

@@ -20,18 +20,65 @@ IMAGE_FLOATS = 784
 
 
 def check_writable(path: Path, key: str) -> None:
-    """The nearest existing ancestor of `path` must be a writable directory: we will create the rest."""
+    """The nearest existing ancestor of `path` must be a writable directory: we will create the rest. Whatever the
+    file system says while we look (a name too long, a loop of links) is one line too."""
     p = Path(path).absolute()
-    while not p.exists():
-        if p.parent == p:
-            break
-        p = p.parent
+    try:
+        while not p.exists():
+            if p.parent == p:
+                break
+            p = p.parent
+        check_name_lengths(Path(path), p, key)
+    except OSError as e:
+        raise UserError(f"{key}={str(path)!r} cannot be used ({e.strerror or e}); choose another with "
+                        f"{key}=<dir>") from None
     if p.exists() and not p.is_dir():
         raise UserError(f"{key}={str(path)!r} is not writable ({p} is a file, not a directory); choose a directory "
                         f"with {key}=<dir>")
     if not os.access(p, os.W_OK | os.X_OK):
         raise UserError(f"{key}={str(path)!r} is not writable ({p} is not a writable directory); "
                         f"choose another with {key}=<dir> or fix its permissions")
+
+
+def check_name_lengths(path: Path, existing: Path, key: str) -> None:
+    """The names we would create below `existing` must fit its file system (often 255 bytes a name, 4096 a path):
+    Hydra creates the run directory before the run starts, and would fail with a traceback."""
+    name_max = os.pathconf(existing, "PC_NAME_MAX") if existing.is_dir() else 255
+    path_max = os.pathconf(existing, "PC_PATH_MAX") if existing.is_dir() else 4096
+    longest = max(len(os.fsencode(part)) for part in path.absolute().parts)
+    if longest > name_max:
+        raise UserError(f"{key}={str(path)!r} holds a name of {longest} bytes, more than the {name_max} this file "
+                        f"system allows; choose a shorter {key}")
+    if len(os.fsencode(str(path.absolute()))) >= path_max:
+        raise UserError(f"{key}={str(path)!r} is {len(os.fsencode(str(path.absolute())))} bytes long, more than the "
+                        f"{path_max - 1} this file system allows; choose a shorter {key}")
+
+
+def check_output_file(path: Path, key: str, fix: str = "") -> None:
+    """A file a command writes at its end (`out=`): refuse, before any work, one that is not a regular file (the
+    atomic write would replace it) or that cannot be written. Creates its directory and writes (and removes) a
+    temporary file there: access() misses read-only file systems that it does not know, and knows nothing for root.
+    `fix`: what to do instead (default: choose another `key`)."""
+    import tempfile
+
+    from vae.atomic import TMP_PREFIX, not_a_regular_file
+
+    path = Path(path)
+    try:
+        kind = not_a_regular_file(path)
+        if kind:
+            raise UserError(f"{key}: {path} is {kind}, not a file, and writing the results would replace it; "
+                            f"{fix or 'choose a file path'}")
+        existing = next(p for p in (path.parent, *path.parent.parents) if p.exists())
+        if not existing.is_dir():
+            raise UserError(f"{key}: {path} cannot be written ({existing} is a file, not a directory); "
+                            f"{fix or f'choose another {key}'}")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(prefix=TMP_PREFIX, dir=path.parent):
+            pass
+    except OSError as e:
+        raise UserError(f"{key}: {path} cannot be written ({e.strerror or e}); {fix or f'choose another {key}'}") \
+            from None
 
 
 def resolve_device(name: str):
@@ -151,3 +198,14 @@ def check_new_run_dir(run_dir: Path) -> None:
         last = Path(run_dir) / "checkpoints" / "last.pt"
         raise UserError(f"hydra.run.dir={str(run_dir)!r} already holds a run ({found}); choose another "
                         f"hydra.run.dir, or continue that run with {override('resume', last)}")
+
+
+def check_hydra_settings(hydra_cfg: DictConfig, output_dir: str, new_run: bool) -> None:
+    """Hydra settings that would make a run write where it should not, or read other files than were checked."""
+    if new_run and not str(output_dir).strip():
+        raise UserError("hydra.run.dir is empty (an unset shell variable?): the run would write into the current "
+                        "directory; give it a directory, or leave it out for outputs/<date>/<time>")
+    if hydra_cfg.job.chdir:
+        raise UserError("hydra.job.chdir=true is not supported: the checks read relative paths (data.root, resume) "
+                        "from the directory you start in, and the run must too; drop it")
+

@@ -2,6 +2,7 @@
 
 Hydra composes `configs/config.yaml` on top of the `Config` dataclass below, so an unknown key or a wrong
 type (`temperature=abc`) fails at composition time; `validate_ranges` gives every out-of-range value one line.
+Hydra lets `+key=` add, and `~key` delete, keys even so: vae/schema.py finds both, for every command.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from vae.errors import UserError
+from vae.schema import undeclared_settings
 
 REPO_DIR = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_DIR / "configs"
@@ -262,6 +264,10 @@ def check_model(model: DictConfig) -> None:
 
 def validate_ranges(cfg: DictConfig) -> None:
     """Range checks on the values alone (no file system, no devices)."""
+    undeclared = undeclared_settings(cfg)
+    if undeclared:
+        raise UserError(undeclared)
+
     def finite(v: float) -> bool:
         return isinstance(v, (int, float)) and math.isfinite(v)
 

@@ -6,12 +6,16 @@
 Reports the relaxed -ELBO at the checkpoint's temperature (what training optimised), the discrete -ELBO
 (one-hot z ~ q(z|x), analytic KL), the k-sample importance-weighted bound (Burda et al. 2016; k = 1000 as
 in Jang et al. 2017) and how the latent code is used (vae/latents.py: active variables, perplexity,
-confidence). Writes, beside the checkpoint: <stem>.metrics.json and the pictures of vae/pictures.py,
-<stem>.prior_samples.png, <stem>.reconstructions.png, <stem>.traversal.png, <stem>.usage.png and
+confidence). Writes, beside the checkpoint (or into `out=<dir>`): <stem>.metrics.json and the pictures of
+vae/pictures.py, <stem>.prior_samples.png, <stem>.reconstructions.png, <stem>.traversal.png, <stem>.usage.png and
 <stem>.class_means.png. Settings: configs/evaluate.yaml (schema `EvaluateConfig` below).
 
 When the output is not a terminal (a log file, a batch job) there is no progress bar: a log line per tenth of the IW
 bound says how far it is instead.
+
+The test set is the one the run recorded (data settings, and the MD5s of its test files where the checkpoint has
+them), read from the run's data.root (or `data_root=`) and never downloaded: a different test set would give
+different numbers without a word.
 
 Hydra writes nothing of its own here (`hydra.output_subdir: null`, `hydra.run.dir: .`, no log file): every
 output belongs to a checkpoint and goes beside it, so evaluating twice never litters `outputs/`.
@@ -36,10 +40,10 @@ from tqdm import tqdm
 
 from vae import latents, metrics
 from vae.atomic import atomic_write_text
-from vae.checkpoint import check_model_state, load_checkpoint
-from vae.checks import check_iw_memory, check_threads, check_writable, resolve_device
+from vae.checkpoint import load_checkpoint
+from vae.checks import check_iw_memory, check_output_file, check_threads, resolve_device
 from vae.config import CONFIG_DIR, MAX_IMAGES, DataConfig, check, check_device_name, check_seed
-from vae.device_data import DeviceSplit, make_splits
+from vae.device_data import DeviceSplit
 from vae.errors import UserError, entry_point, memory_hint
 from vae.gumbel import sample_gumbel
 from vae.model import CategoricalVAE
@@ -63,6 +67,8 @@ class EvaluateConfig:
     data_root: Optional[str] = None
     # CPU threads for PyTorch (null = its default, one per core).
     threads: Optional[int] = None
+    # Directory for the results (null = beside the checkpoint): for a checkpoint on read-only storage.
+    out: Optional[str] = None
     # Flush subnormal floats to zero on the CPU (null = on for CPU runs), as in training.
     flush_denormal: Optional[bool] = None
 
@@ -106,7 +112,8 @@ def build_model(ckpt: Dict[str, Any], path: Path) -> CategoricalVAE:
 
 def data_config(ckpt: Dict[str, Any], path: Path, data_root: Optional[str]) -> DictConfig:
     """The checkpoint's own data settings (the test set must be the one the run was scored on), on top of
-    the schema so that settings added since the checkpoint was written take their defaults."""
+    the schema so that settings added since the checkpoint was written take their defaults. Only the files already
+    there are used: evaluating never downloads a dataset of its own."""
     try:
         data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), ckpt["config"]["data"])
     except (KeyError, TypeError, OmegaConfBaseException) as e:
@@ -114,7 +121,42 @@ def data_config(ckpt: Dict[str, Any], path: Path, data_root: Optional[str]) -> D
                         f"({str(e).splitlines()[0][:160]})") from e
     if data_root is not None:
         data_cfg.root = data_root
+    data_cfg.download, data_cfg.sources = False, ["local"]
     return data_cfg
+
+
+def check_test_data(data_cfg: DictConfig, ckpt: Dict[str, Any], where: str) -> None:
+    """The run's test files must be where its settings say (`where`: which setting says so), and be the ones it was
+    tested on: their MD5s, where the checkpoint recorded them (train.py does), else the official ones that
+    data.verify=true checks."""
+    from vae.data import OWN_DATA, SPLITS, raw_dir
+    from vae.data.verify import file_digest
+
+    if data_cfg.name in OWN_DATA:  # your own images: the file (or folder) the run named, as it was
+        from vae.data.arrays import source_path
+
+        try:
+            source = source_path(data_cfg)
+        except UserError as e:
+            raise UserError(f"the checkpoint's test set cannot be read ({where}): {e}") from None
+        recorded = ckpt.get("data_md5")
+        for name, md5 in (recorded.items() if isinstance(recorded, dict) else ()):
+            if name == source.name and file_digest(source) != md5:
+                raise UserError(f"{source} is not the file this run was tested on (its MD5 is not the one the "
+                                "checkpoint recorded); evaluate with the run's own file")
+        return
+    raw = raw_dir(data_cfg)
+    splits = ("train", "test") if data_cfg.binarize == "static" else ("test",)  # static: one draw over both
+    missing = [name for split in splits for name in SPLITS[split] if not (raw / name).is_file()]
+    if missing:
+        raise UserError(f"the checkpoint's test set is not in {raw} ({where}): it lacks {', '.join(missing)}; pass "
+                        f"data_root=<dir> holding {raw.parent.name}/raw/ with the run's files (evaluation never "
+                        "downloads a dataset)")
+    recorded = ckpt.get("data_md5")
+    for name, md5 in (recorded.items() if isinstance(recorded, dict) else ()):
+        if name in SPLITS["test"] and file_digest(raw / name) != md5:
+            raise UserError(f"{raw / name} is not the file this run was tested on (its MD5 is not the one the "
+                            f"checkpoint recorded; {where}); pass data_root=<dir> holding the run's own files")
 
 
 def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
@@ -177,6 +219,21 @@ class ProgressLines:
                      100 * self.done // self.total, time.perf_counter() - self.start)
 
 
+RESULT_SUFFIXES = (".metrics.json", ".prior_samples.png", ".reconstructions.png", ".traversal.png", ".usage.png",
+                   ".class_means.png")
+
+
+def result_prefix(path: Path, out: Optional[str]) -> Path:
+    """`<dir>/<stem>`, the results' names without their suffixes: beside the checkpoint, or in `out`. Checked now,
+    before minutes of computing: the directory takes new files, and no result's name is taken by a directory, FIFO or
+    device."""
+    prefix = (Path(out).expanduser() if out else path.parent) / path.stem
+    key, fix = ("out", "") if out else ("checkpoint", "write the results elsewhere with out=<dir>")
+    for suffix in RESULT_SUFFIXES:
+        check_output_file(prefix.with_name(prefix.name + suffix), key, fix)
+    return prefix
+
+
 def format_table(result: Dict[str, Any]) -> str:
     m = result["metrics"]
     rows = [(f"relaxed -ELBO (tau={result['tau']:.3g}{', hard' if result['hard'] else ''})", m["loss"]),
@@ -210,6 +267,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
 
 
 def run(cfg: DictConfig, stop) -> Dict[str, Any]:
+    from vae.data import DataError
     from vae.engine import configure_device
 
     validate(cfg)
@@ -217,14 +275,20 @@ def run(cfg: DictConfig, stop) -> Dict[str, Any]:
     configure_device(device, tf32=True, threads=cfg.threads, flush_denormal=cfg.flush_denormal)
     path = Path(cfg.checkpoint).expanduser()
     ckpt = load_checkpoint(path, key="checkpoint", resume=False)
-    # Fail before minutes of computation, not after, if the results cannot be written.
-    check_writable(path.parent, "checkpoint")
+    prefix = result_prefix(path, cfg.out)  # fail before minutes of computation, not after, if they cannot be written
     c = ckpt["config"]
     check_iw_memory(device, iw_samples=cfg.iw_samples, iw_chunk=cfg.iw_chunk, batch_size=cfg.batch_size,
                     code=c["latent_dim"] * c["categorical_dim"], keys=("iw_chunk", "batch_size"))
     with stop.at_once("while loading"):  # nothing computed yet: a signal ends the command at once
         model = build_model(ckpt, path).to(device)
-        test = load_test_split(data_config(ckpt, path, cfg.data_root), device)
+        data_cfg = data_config(ckpt, path, cfg.data_root)
+        where = (f"data_root={cfg.data_root!r}" if cfg.data_root is not None else
+                 f"data.root={str(data_cfg.root)!r} as the run recorded it")
+        check_test_data(data_cfg, ckpt, where)
+        try:
+            test = load_test_split(data_cfg, device)
+        except DataError as e:
+            raise UserError(f"{e} (the test set comes from {where})") from None
     # The relaxed loss as the run's estimator computed it: one-hot (straight-through) codes for every estimator but
     # gumbel (and `hard`, the historical switch for st_gumbel).
     tau, hard = float(ckpt["tau"]), bool(c.get("hard", False)) or c.get("estimator", "gumbel") != "gumbel"
@@ -260,7 +324,6 @@ def run(cfg: DictConfig, stop) -> Dict[str, Any]:
         raise UserError(f"checkpoint={str(path)!r} gives non-finite test metrics {result_metrics}; "
                         "its weights have diverged: evaluate an earlier checkpoint (e.g. best.pt)")
 
-    prefix = path.with_name(path.stem)
     result = {
         "checkpoint": str(path), "epoch": int(ckpt["epoch"]), "step": int(ckpt["step"]), "tau": tau, "hard": hard,
         "k": cfg.iw_samples, "iw_chunk": cfg.iw_chunk, "batch_size": cfg.batch_size, "seed": cfg.seed,
@@ -287,4 +350,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from vae.config_files import check_config_files
+
+    check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

@@ -14,6 +14,7 @@ sweep job) makes its own.
 """
 from __future__ import annotations
 
+import copy
 import logging
 import os
 import sys
@@ -24,7 +25,7 @@ from typing import Any, Optional, Sequence, Tuple
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae.errors import UserError, describe, exit_with
+from vae.errors import UserError, describe, exit_with, os_error
 
 log = logging.getLogger("train")
 
@@ -114,11 +115,18 @@ class ValidateOnStart(Callback):
         """Make the run's plan (vae/plan.py) and hand it to train.py. A resume that continues a run in its own
         directory moves Hydra's run directory there too, so the log goes on in the run's own train.log and this
         command's .hydra/ files go to .hydra/resumes/<time>/ beside the run's original ones."""
+        from vae.checks import check_hydra_settings
+
         try:
-            task_cfg = OmegaConf.masked_copy(config, [k for k in config.keys() if k != "hydra"])
+            task_cfg = copy.deepcopy(config)  # as Hydra hands it to the task: typed, so that unknown keys show
+            with open_dict(task_cfg):
+                del task_cfg["hydra"]
+            check_hydra_settings(config.hydra, config.hydra.run.dir, new_run=True)
             plan = make_plan(task_cfg, config.hydra.run.dir, list(config.hydra.overrides.task))
         except UserError as e:
             exit_with(e)
+        except OSError as e:  # a path in the settings that the file system refuses to look at
+            exit_with(os_error(e))
         except Exception as e:
             if os.environ.get("HYDRA_FULL_ERROR") == "1":
                 raise

@@ -1,5 +1,5 @@
-"""What the person at the terminal sees: a tqdm bar per epoch, one log line per epoch, and Ctrl-C / SIGTERM that
-stop the run cleanly instead of killing it mid-write."""
+"""What the person at the terminal sees: a tqdm bar per epoch, one log line per epoch, and Ctrl-C / SIGTERM (and the
+other signals that end a process by default) that stop the run cleanly instead of killing it mid-write."""
 from __future__ import annotations
 
 import contextlib
@@ -11,13 +11,18 @@ from tqdm import tqdm
 
 log = logging.getLogger("train")
 
-# Exit statuses of a run stopped by a signal, as a shell reports them (128 + signal number).
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143}
+# The signals that stop a run, each with its exit status as a shell reports it (128 + signal number): Ctrl-C,
+# SIGTERM (kill, SLURM's time limit), SIGHUP (the ssh session or terminal closed), SIGQUIT (Ctrl-\) and SIGUSR1 (a
+# cluster's "time is nearly up"). By default each would end the process at once, without a save and leaving a
+# half-written temporary checkpoint. SIGUSR2 is left to submitit, whose own handler it is.
+SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGQUIT: 131,
+               signal.SIGUSR1: 138}
 
 
 class StopFlag:
-    """Ctrl-C / SIGTERM only set a flag: the step in flight finishes, then the run saves and exits. Inside
-    `at_once(...)` (start-up: nothing to save yet) a signal ends the process straight away instead."""
+    """Ctrl-C / SIGTERM (any signal of SIGNAL_EXIT) only set a flag: the step in flight finishes, then the run saves
+    and exits. Inside `at_once(...)` (start-up: nothing to save yet) a signal ends the process straight away
+    instead."""
 
     def __init__(self):
         self.signum = None
@@ -26,7 +31,7 @@ class StopFlag:
 
     @contextlib.contextmanager
     def at_once(self, doing: str):
-        """A signal inside the block (or before it) exits at once with 130 / 143: for start-up work (reading data,
+        """A signal inside the block (or before it) exits at once (130, 143...): for start-up work (reading data,
         compiling the step) that has nothing to save and may take minutes."""
         self._at_once = doing
         try:

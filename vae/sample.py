@@ -106,4 +106,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    from vae.config_files import check_config_files
+
+    check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

@@ -354,4 +354,7 @@ def aggregate_rows(out_dir: Path) -> List[dict]:
 
 
 if __name__ == "__main__":
+    from vae.config_files import check_config_files
+
+    check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

@@ -6,6 +6,8 @@ TensorBoard and torchvision take seconds to import, so both are imported when a 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import threading
 from pathlib import Path
 from typing import Optional
@@ -14,6 +16,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from vae.atomic import WriteFailed, is_write_failure, write_failed
+from vae.errors import UserError
 
 # Settings that cannot change what a run learns or measures: where the files are, how fast it runs (device, compile,
 # threads, the numerics' plumbing), how often it logs, its pictures. Every other setting of the config is a column of
@@ -114,14 +117,32 @@ class TensorBoardLog:
         from vae.latents import custom_scalars_layout
 
         self.run_dir = Path(run_dir)
+        self._dir_fd = None
         with write_failures(self.run_dir):
-            self.writer = SummaryWriter(log_dir=str(run_dir), purge_step=purge_step)
+            self.writer = SummaryWriter(log_dir=self._writer_path(), purge_step=purge_step)
             self.writer.add_custom_scalars(custom_scalars_layout())
         if threading.excepthook is not _quiet_writer_thread:  # put back by __exit__
             _quiet_writer_thread.previous = threading.excepthook
             threading.excepthook = _quiet_writer_thread
         self.recon_x, self.prior_noise = recon_x, prior_noise  # fixed inputs: epochs compare picture to picture
         self.test_split, self.cfg = test_split, cfg
+
+    def _writer_path(self) -> str:
+        """The run directory as TensorBoard can name it. TensorBoard encodes a path as UTF-8 in some calls and in the
+        locale's encoding in others: a non-ASCII name under a non-UTF-8 locale (LC_ALL=C) fails one or the other.
+        Such a directory is handed over as /proc/self/fd/<n>, an ASCII name for the same directory (Linux)."""
+        path = str(self.run_dir)
+        try:
+            if os.fsencode(path) == path.encode("utf-8"):  # both ways name the same bytes on disk
+                return path
+        except UnicodeError:
+            pass
+        if not os.path.isdir("/proc/self/fd"):
+            raise UserError(f"TensorBoard cannot write into {path!r} under this locale (its name is not ASCII and "
+                            f"the locale's encoding is {sys.getfilesystemencoding()}); use a UTF-8 locale (e.g. "
+                            "LC_ALL=C.UTF-8) or an ASCII hydra.run.dir")
+        self._dir_fd = os.open(self.run_dir, os.O_RDONLY | os.O_DIRECTORY)
+        return f"/proc/self/fd/{self._dir_fd}"
 
     def __enter__(self):
         return self
@@ -135,6 +156,8 @@ class TensorBoardLog:
                 raise
         finally:
             threading.excepthook = _quiet_writer_thread.previous
+            if self._dir_fd is not None:
+                os.close(self._dir_fd)
 
     def on_interval(self, trainer, means, grad_norm) -> None:
         step = trainer.state.step

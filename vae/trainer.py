@@ -21,11 +21,16 @@ from vae.checkpoint import FORMAT
 from vae.config import estimator_name
 from vae.engine import (TrainStep, load_optimizer_state_, make_generators, make_optimizer, set_lr_)
 from vae.errors import TrainingDiverged, UserError, describe
-from vae.estimators import config_settings, make_estimator
+from vae.estimators import config_settings, estimator_class, make_estimator, takes_samples
 from vae.model import build_model
 from vae.schedule import tau_for
 
 log = logging.getLogger(__name__)
+
+# A loss (nats per image) past which a run has diverged although it is still finite: 784 pixels at logits of about
+# +-1e7. An untrained model scores about 543 (784 log 2); no model that still learns comes near, and saving one that
+# is there would overwrite last.pt with weights that only Inf and NaN can follow.
+DIVERGED_LOSS = 1e10
 
 @dataclass
 class TrainState:
@@ -210,8 +215,10 @@ class Trainer:
             s.epoch_step += 1
             done += 1
             self._emit("on_step")
-            if s.step % self.check_every == 0 and not torch.isfinite(s.interval_sums).all():
-                raise TrainingDiverged(self._diverged(f"at step {s.step} (epoch {s.epoch + 1}"))
+            if s.step % self.check_every == 0:
+                steps = (s.step - 1) % cfg.log_interval + 1  # summed in interval_sums (false for NaN too)
+                if not (s.interval_sums.abs() < DIVERGED_LOSS * steps).all():
+                    raise TrainingDiverged(self._diverged(f"at step {s.step} (epoch {s.epoch + 1}"))
             if log_now:
                 means = (s.interval_sums / cfg.log_interval).tolist()  # the interval's only host sync
                 s.interval_sums.zero_()
@@ -264,7 +271,7 @@ class Trainer:
             self.train_seconds += seconds
             train_loss = (s.epoch_sums / self.steps_per_epoch).tolist()[0]
             test = self.test(test_split)
-            if not all(math.isfinite(v) for v in test.values()) or not math.isfinite(train_loss):
+            if not all(abs(v) < DIVERGED_LOSS for v in (*test.values(), train_loss)):  # false for NaN too
                 raise TrainingDiverged(self._diverged(f"in epoch {s.epoch + 1} (step {s.step}"))
             test["train_loss"] = train_loss
             self.finish_epoch()
@@ -287,5 +294,19 @@ class Trainer:
                 handler(self, *args)
 
     def _diverged(self, where: str) -> str:
-        return (f"the loss became NaN/inf {where}, tau {self.state.tau:.3g}); try a smaller lr (now {self.cfg.lr:g}) "
+        return (f"the loss became NaN/inf or exploded past {DIVERGED_LOSS:g} nats {where}, tau {self.state.tau:.3g}); "
+                f"try a smaller lr (now {self.cfg.lr:g}) "
                 f"or a higher temp_min (now {self.cfg.temp_min:g})")
+
+
+def training_sizes(cfg: DictConfig) -> str:
+    """The settings that size training's memory, those of the estimator first: what an out-of-memory error names."""
+    name = estimator_name(cfg)
+    sizes = (f"batch_size={cfg.batch_size}, eval.batch_size={cfg.eval.batch_size} and the code, latent_dim x "
+             f"categorical_dim = {cfg.latent_dim} x {cfg.categorical_dim}")
+    if takes_samples(name):  # every image is decoded (rloo) or relaxed (gumbel_rao) this many times per step
+        samples = estimator_class(name).settings["samples"] if cfg.estimator_samples is None else cfg.estimator_samples
+        return f"estimator_samples={samples} (estimator={name}'s samples per image) x {sizes}"
+    if name == "exact":  # every image is decoded at each of the K^N codes
+        return f"the K^N = {cfg.categorical_dim}^{cfg.latent_dim} codes of estimator=exact x {sizes}"
+    return sizes

@@ -18,14 +18,18 @@ in `DATASETS` below) and fetches the ones that are missing. That machinery is of
 """
 from __future__ import annotations
 
+import math
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from vae.atomic import kind_of
 from vae.errors import UserError
 
 Log = Callable[[str], Any]
@@ -109,24 +113,57 @@ def raw_dir(data_cfg) -> Path:
 # IDX (LeCun's format): two zero bytes, a type code (0x08 = unsigned byte), the number of dims,
 # then one big-endian uint32 per dim and the raw data. 0x00000803 = images [N, 28, 28], 0x00000801 = labels [N].
 IDX_UBYTE = 0x08
+# The most data one IDX file may hold: several times the largest MNIST-format set (EMNIST, 0.64 GB), far below what a
+# forged header can claim (4 bytes per dim: up to 2^32 images). A header beyond it is refused before anything is
+# read, hashed or decompressed.
+MAX_IDX_BYTES = 4 * 2**30
+
+
+def open_regular(path: Path) -> BinaryIO:
+    """`path` opened for reading if it is a regular file (else BadFile): a FIFO named like a dataset file would block
+    a plain open() forever, and a device would stream without end."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)  # a FIFO opens at once this way, and is refused below
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise BadFile(f"not a regular file ({kind_of(mode)})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def read_idx_header(f: BinaryIO) -> Tuple[Tuple[int, ...], bytes]:
+    """(dims, the header's bytes) read from the start of an unsigned-byte IDX stream, checked against MAX_IDX_BYTES
+    (BadFile otherwise): the size a forged or damaged header claims is known before its data is touched."""
+    head = f.read(4)
+    if len(head) < 4:
+        raise BadFile(f"truncated ({len(head)} bytes, shorter than an IDX header)")
+    if head[0] != 0 or head[1] != 0 or head[2] != IDX_UBYTE or not 1 <= head[3] <= 4:
+        raise BadFile(f"wrong magic number 0x{head.hex()} (expected 0x00000803 for images, "
+                      "0x00000801 for labels)")
+    raw_dims = f.read(4 * head[3])
+    if len(raw_dims) < 4 * head[3]:
+        raise BadFile(f"truncated ({4 + len(raw_dims)} bytes, header cut short)")
+    dims = struct.unpack(f">{head[3]}I", raw_dims)
+    if idx_size(dims) - len(head + raw_dims) > MAX_IDX_BYTES:
+        raise BadFile(f"its header claims shape {dims}, {idx_size(dims) / 2**30:.1f} GiB of data: more than the "
+                      f"{MAX_IDX_BYTES / 2**30:.0f} GiB any MNIST-format file holds (forged or damaged)")
+    return dims, head + raw_dims
+
+
+def idx_size(dims: Sequence[int]) -> int:
+    """The exact size in bytes of an unsigned-byte IDX file of shape `dims`."""
+    return 4 + 4 * len(dims) + math.prod(dims)  # Python's integers: four forged dims overflow int64
 
 
 def idx_dims(path: Path) -> Tuple[int, ...]:
     """The dims in the header of an unsigned-byte IDX file whose size matches them exactly (else BadFile)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(4)
-        if len(head) < 4:
-            raise BadFile(f"truncated ({size} bytes, shorter than an IDX header)")
-        if head[0] != 0 or head[1] != 0 or head[2] != IDX_UBYTE or not 1 <= head[3] <= 4:
-            raise BadFile(f"wrong magic number 0x{head.hex()} (expected 0x00000803 for images, "
-                          "0x00000801 for labels)")
-        ndim = head[3]
-        raw_dims = f.read(4 * ndim)
-    if len(raw_dims) < 4 * ndim:
-        raise BadFile(f"truncated ({size} bytes, header cut short)")
-    dims = struct.unpack(f">{ndim}I", raw_dims)
-    expected = 4 + 4 * ndim + int(np.prod(dims, dtype=np.int64))
+    with open_regular(path) as f:
+        size = os.fstat(f.fileno()).st_size
+        dims, _ = read_idx_header(f)
+    expected = idx_size(dims)
     if size < expected:
         raise BadFile(f"truncated ({size} bytes, expected {expected} for shape {dims})")
     if size > expected:
@@ -138,17 +175,35 @@ def idx_header(dims: Sequence[int]) -> bytes:
     return bytes([0, 0, IDX_UBYTE, len(dims)]) + struct.pack(f">{len(dims)}I", *dims)
 
 
+def available_memory() -> Optional[int]:
+    """Bytes of RAM that can be had now without swapping (Linux's MemAvailable); None if unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def read_idx(path) -> torch.Tensor:
     """An unsigned-byte IDX file as a uint8 tensor shaped like its header, read in one go (no per-item Python)."""
     path = Path(path)
     try:
         dims = idx_dims(path)
+        need, have = idx_size(dims), available_memory()
+        if have is not None and need > have:
+            raise DataError(f"{path}: its shape {dims} needs {need / 2**30:.1f} GiB of memory, more than the "
+                            f"{have / 2**30:.1f} GiB available; free memory, or check that it is the file you meant")
+        with open_regular(path) as f:
+            f.seek(4 + 4 * len(dims))
+            data = np.fromfile(f, dtype=np.uint8, count=math.prod(dims))
     except BadFile as e:
         raise DataError(f"{path}: {e}; delete it and {RERUN}") from None
     except OSError as e:
         raise DataError(f"{path}: cannot read it ({e.strerror}); {RERUN}") from None
-    data = np.fromfile(path, dtype=np.uint8, offset=4 + 4 * len(dims))
-    if data.size != int(np.prod(dims)):  # changed under our feet since the header was read
+    if data.size != math.prod(dims):  # changed under our feet since the header was read
         raise DataError(f"{path}: changed while being read; {RERUN}")
     return torch.from_numpy(data).reshape(dims)
 
@@ -156,6 +211,22 @@ def read_idx(path) -> torch.Tensor:
 # prepare() and the dataset table build on the definitions above, so they are imported after them.
 from vae.data.prepare import prepare  # noqa: E402
 from vae.data.verify import check_root  # noqa: E402
+
+
+def data_fingerprint(data_cfg) -> Dict[str, str]:
+    """MD5 of each file the test set is read from, by name: what a checkpoint records so that vae.evaluate can tell
+    it scores the images the run was tested on (MNIST-style: the two test files; data=array: the array file;
+    data=folder: nothing, a folder has no single file to check)."""
+    from vae.data.verify import file_digest, split_md5
+
+    if str(data_cfg.name) == "array":
+        from vae.data.arrays import source_path
+
+        path = source_path(data_cfg)
+        return {path.name: file_digest(path)}
+    if str(data_cfg.name) in OWN_DATA:
+        return {}
+    return split_md5(data_cfg, "test")
 
 
 def check_source(data_cfg) -> None:
@@ -189,6 +260,9 @@ def load_splits(data_cfg, splits: Sequence[str] = ("train", "test"), log: Option
         images, labels = read_idx(raw / images_name), read_idx(raw / labels_name)
         if images.dim() != 3 or tuple(images.shape[1:]) != IMAGE_SHAPE:
             raise DataError(f"{raw / images_name}: wrong shape {tuple(images.shape)}; delete it and {rerun}")
+        if len(images) == 0:  # every loss would be 0/0: say so here, not as a diverged run later
+            raise DataError(f"{raw / images_name} holds no images (an empty {split} set); put a {split} set with "
+                            f"images there, or {rerun}")
         if labels.dim() != 1 or len(labels) != len(images):
             raise DataError(f"{raw / labels_name}: {tuple(labels.shape)} labels for {len(images)} images; "
                             f"delete both and {rerun}")
@@ -202,5 +276,5 @@ def load_split(data_cfg, split: str, log: Optional[Log] = None,
     return load_splits(data_cfg, (split,), log=log, progress=progress)[0]
 
 
-__all__ = ["DATASETS", "DATASET_NAMES", "OWN_DATA", "dataset_title", "FILE_NAMES", "IMAGE_SHAPE", "SPLITS", "DataError", "check_root", "check_source", "idx_header", "load_split",
+__all__ = ["DATASETS", "DATASET_NAMES", "OWN_DATA", "dataset_title", "FILE_NAMES", "IMAGE_SHAPE", "SPLITS", "DataError", "check_root", "check_source", "data_fingerprint", "idx_header", "load_split",
            "load_splits", "prepare", "raw_dir", "read_idx"]

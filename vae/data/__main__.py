@@ -11,6 +11,13 @@ from vae.data import FILE_NAMES, prepare
 from vae.errors import UserError, exit_with, one_line
 
 logger = logging.getLogger("vae.data")
+USAGE = """usage: python -m vae.data [key=value ...]
+
+Fetch and check the dataset files ahead of training, with train.py's settings and overrides, e.g.
+  python -m vae.data                                   # MNIST into <repo>/data/MNIST/raw
+  python -m vae.data data=fashion_mnist data.root=/x   # Fashion-MNIST into /x/FashionMNIST/raw
+  python -m vae.data data.download=false data.sources=[local,system] data.system_path=/usr/share/datasets/mnist
+docs/data.md lists the sources and the checks."""
 
 
 def main(argv: Optional[Sequence[str]] = None, config_dir: Optional[Path] = None) -> int:
@@ -24,6 +31,9 @@ def main(argv: Optional[Sequence[str]] = None, config_dir: Optional[Path] = None
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(sys.argv[1:] if argv is None else argv)
+    if any(arg in ("-h", "--help") for arg in overrides):
+        print(USAGE)
+        return 0
     try:
         with initialize_config_dir(config_dir=str(config_dir or CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name="config", overrides=overrides)

@@ -34,7 +34,8 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tupl
 import numpy as np
 
 from vae.atomic import fsync_dir, write_temp
-from vae.data import FILE_NAMES, IMAGE_SHAPE, NUM_CLASSES, BadFile, DataError, idx_header
+from vae.data import (FILE_NAMES, IMAGE_SHAPE, NUM_CLASSES, BadFile, DataError, idx_header, idx_size,
+                      open_regular, read_idx_header)
 from vae.data.verify import (CHUNK, DOWNLOAD_PREFIX, ChecksumMismatch, Target, check_local, check_structure,
                              file_digest, load_cache, save_cache, stamp)
 from vae.errors import describe, one_line
@@ -120,10 +121,22 @@ def _scratch_dir(t: Target) -> Iterator[Path]:
 
 
 def _copy_from(src: Path) -> Callable[[BinaryIO], None]:
+    """A writer of `src` (plain or .gz) that reads the IDX header first and copies no more than it announces: a
+    forged header is refused before its data is copied, and a .gz that inflates beyond it (a bomb) stops there."""
     def write(f: BinaryIO) -> None:
-        opener = gzip.open if src.suffix == ".gz" else open
-        with opener(src, "rb") as s:
-            shutil.copyfileobj(s, f, CHUNK)
+        with open_regular(src) as packed, (gzip.open(packed, "rb") if src.suffix == ".gz" else packed) as s:
+            try:
+                dims, header = read_idx_header(s)
+            except BadFile as e:
+                raise SourceFailed(f"{src}: {e}") from None
+            f.write(header)
+            left = idx_size(dims) - len(header)
+            while left > 0 and (block := s.read(min(CHUNK, left))):
+                f.write(block)
+                left -= len(block)
+            if left > 0 or s.read(1):
+                raise SourceFailed(f"{src} holds {'less' if left > 0 else 'more'} data than its IDX header {dims} "
+                                   "announces (damaged or forged)")
     return write
 
 

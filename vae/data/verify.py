@@ -26,7 +26,7 @@ import numpy as np
 
 from vae.atomic import TMP_PREFIX, atomic_write_text
 from vae.data import (FILE_NAMES, IMAGE_FILES, IMAGE_SHAPE, NUM_CLASSES, SPLITS, BadFile, DataError, Dataset, Log,
-                      dataset, idx_dims, raw_dir)
+                      dataset, idx_dims, open_regular, raw_dir)
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,8 @@ def check_structure(path: Path, name: str) -> int:
         return dims[0]
     if len(dims) != 1:
         raise BadFile(f"wrong shape {dims}, expected (N,) labels")
-    labels = np.fromfile(path, dtype=np.uint8, offset=8)
+    with open_regular(path) as f:
+        labels = np.fromfile(f, dtype=np.uint8, offset=8)
     if labels.size and int(labels.max()) >= NUM_CLASSES:
         raise BadFile(f"label {int(labels.max())} out of range 0..{NUM_CLASSES - 1}")
     return dims[0]
@@ -70,6 +71,12 @@ def file_digest(path: Path, algorithm: str = "md5", progress: Optional[bool] = F
     return h.hexdigest()
 
 
+def split_md5(data_cfg, split: str) -> Dict[str, str]:
+    """The MD5 of each file of `split` in data.root: what a checkpoint records of the data it was tested on."""
+    raw = raw_dir(data_cfg)
+    return {name: file_digest(raw / name) for name in SPLITS[split]}
+
+
 def stamp(st: os.stat_result) -> Dict[str, int]:
     # ctime too: writing a byte and then putting the old mtime back (os.utime) still changes the ctime.
     return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns}
@@ -79,10 +86,11 @@ def load_cache(raw: Path) -> Tuple[Dict[str, dict], int]:
     """Entries of the verification cache, and the cache file's own mtime (0 when there is none)."""
     path = raw / CACHE_NAME
     try:
-        st = path.stat()
-        files = json.loads(path.read_text())["files"]
+        with open_regular(path) as f:  # a FIFO in its place must not hang the run
+            st = os.fstat(f.fileno())
+            files = json.loads(f.read())["files"]
         return (files if isinstance(files, dict) else {}), st.st_mtime_ns
-    except (OSError, ValueError, KeyError, TypeError):
+    except (OSError, ValueError, KeyError, TypeError, BadFile):
         return {}, 0  # no cache or a damaged one: hash everything again
 
 
