@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from conftest import REPO, compose_train, subprocess_env
-from vae.checks import ValidateOnStart, check_output_file
+from vae.checks import check_output_file
+from vae.plan import ValidateOnStart
 from vae.errors import UserError
 
 
