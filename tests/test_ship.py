@@ -247,7 +247,7 @@ def test_entrypoint_trains_from_the_image_layout(tiny_data, tmp_path):
     entry = json.loads(one("ENTRYPOINT"))
     cmd = [sys.executable if entry[0] == "python" else entry[0], *entry[1:],
            "hard=true", "temperature=1.0", "epochs=1", "latent_dim=4", "batch_size=50", "eval.batch_size=50",
-           "data.verify=false"]
+           "data.verify=false", "data.val_size=0"]
     # As `docker run --user <uid>` sees it: no home directory, no user name; the image's ENV on top, its /app paths
     # (the compile caches) pointing into the copy.
     env = {k: v for k, v in os.environ.items() if k not in ("USER", "LOGNAME", "PYTHONPATH", "HYDRA_FULL_ERROR")}
