@@ -85,3 +85,25 @@ def test_checkpoints_of_the_reference_version_evaluate_and_resume(tiny_data, tmp
     resumed = train_in_process(tiny_data, tmp_path / "c", f"resume={tmp_path / 'b' / 'checkpoints' / 'last.pt'}",
                                "epochs=2")
     assert resumed["test_loss"] == straight["test_loss"] and "val_loss" not in resumed
+
+
+def test_own_data_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
+    import numpy as np
+
+    np.save(tmp_path / "blobs.npy", (np.random.default_rng(0).random((120, 8, 8)) > 0.5).astype(np.uint8) * 255)
+    monkeypatch.chdir(tmp_path)  # as `python train.py data=array data.path=blobs.npy` from the data's folder
+    train_in_process(tmp_path, tmp_path / "run", "data=array", "data.path=blobs.npy", "batch_size=20")
+    saved = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)["config"]["data"]["path"]
+    assert saved == str(tmp_path / "blobs.npy")
+
+
+def test_an_estimators_own_setting_given_on_resume_is_used(tiny_data, tmp_path):
+    from omegaconf import OmegaConf
+
+    from vae.checkpoint import resume_config
+
+    train_in_process(tiny_data, tmp_path / "run", "epochs=1")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)
+    cfg = compose_train("debug=tiny", "+estimator_args.k=3", run_dir=tmp_path / "x")
+    cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
+    assert resume_config(cfg, ckpt, ["+estimator_args.k=3"]).estimator_args == {"k": 3}

@@ -209,7 +209,11 @@ def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Ite
         key = item.lstrip("+~").split("=", 1)[0]
         # Config groups that are not keys (experiment=..., hparams_search=...) were expanded into the keys
         # the command line also carries; hydra.* settings do not belong to the run.
-        if key.startswith("hydra.") or key == "resume" or OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT:
+        if key.startswith("hydra.") or key == "resume":
+            continue
+        if OmegaConf.select(merged, key, default=_ABSENT) is _ABSENT:
+            if key.startswith("estimator_args."):  # an estimator's own setting, new on this command line
+                OmegaConf.update(merged, key, OmegaConf.select(cfg, key), force_add=True)
             continue
         OmegaConf.update(merged, key, OmegaConf.select(cfg, key), merge=False)
     merged.resume = cfg.resume

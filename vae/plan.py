@@ -69,6 +69,9 @@ def make_plan(cfg: DictConfig, output_dir, overrides: Sequence[str] = ()) -> Run
             run_dir, in_place = here, True
         else:
             log.info("resume: %s, so this run writes into its new run directory %s", why, run_dir)
+    if cfg.data.get("path") and not OmegaConf.is_missing(cfg.data, "path"):
+        # Your own data is recorded by its absolute path: evaluate, sample and the API find it from anywhere.
+        cfg.data.path = str(Path(str(cfg.data.path)).expanduser().absolute())
     validate_ranges(cfg)  # the run's final settings, once
     checks.check_threads(cfg.threads)
     device = checks.resolve_device(cfg.device)
