@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_train, train_in_process
+from conftest import compose_train, run_script, train_in_process
 from vae.errors import TrainingDiverged
 from vae.trainer import Trainer, training_sizes
 
@@ -110,6 +110,11 @@ def test_own_data_trains_evaluates_samples_and_resumes_with_its_own_name(own_dat
     assert model.image_shape == shape and model.sample(3).shape == (3, *shape)
     x = model.test_images(4)
     assert x.shape == (4, *shape) and model.elbo(x).shape == (4,)
+    scored = run_script([f"checkpoint={run / 'checkpoints' / 'last.pt'}", "iw_samples=5", "batch_size=50",
+                         "device=cpu", "threads=1"], script="vae.evaluate")
+    assert scored.returncode == 0, scored.stderr[-2000:]
+    result = json.loads((run / "checkpoints" / "last.metrics.json").read_text())
+    assert result["n_images"] == len(model.test_images()) and (run / "checkpoints" / "last.usage.png").is_file()
     resumed = train_in_process(own_data, tmp_path / "x", f"resume={run / 'checkpoints' / 'last.pt'}", "epochs=2")
     assert resumed["epochs"] == 2 and m["epochs"] == 1
 
