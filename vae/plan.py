@@ -82,7 +82,7 @@ def make_plan(cfg: DictConfig, output_dir, overrides: Sequence[str] = ()) -> Run
     checks.check_writable(run_dir, "hydra.run.dir")
     if resumed is not None:
         checks.check_resumable(cfg, resumed)
-    else:
+    if not in_place:  # a new run, or a resume that writes into a new directory: it must not hold another run
         checks.check_new_run_dir(run_dir)
     OmegaConf.set_readonly(cfg, True)
     return RunPlan(cfg, device, run_dir, resumed, in_place, overrides)
