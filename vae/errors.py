@@ -106,6 +106,24 @@ def exit_with(error: UserError) -> None:
     sys.exit(error.exit_code)
 
 
+@contextlib.contextmanager
+def exit_on_failure(what: str):
+    """For a Hydra callback: whatever goes wrong inside ends the command with one line and a non-zero status (Hydra
+    would only warn about an exception in a callback and go on). `what` says what was being done."""
+    try:
+        yield
+    except UserError as e:
+        exit_with(e)
+    except OSError as e:  # a path in the settings that the file system refuses to look at
+        exit_with(os_error(e))
+    except Exception as e:
+        if os.environ.get("HYDRA_FULL_ERROR") == "1":
+            raise
+        print(f"error: {what}: {describe(e)} (set HYDRA_FULL_ERROR=1 for the traceback)", file=sys.stderr,
+              flush=True)
+        sys.exit(1)
+
+
 def _in_multirun() -> bool:
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
@@ -25,7 +23,7 @@ from typing import Any, Optional, Sequence, Tuple
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae.errors import UserError, describe, exit_with, os_error
+from vae.errors import exit_on_failure
 
 log = logging.getLogger("train")
 
@@ -120,22 +118,12 @@ class ValidateOnStart(Callback):
         command's .hydra/ files go to .hydra/resumes/<time>/ beside the run's original ones."""
         from vae.checks import check_hydra_settings
 
-        try:
+        with exit_on_failure("the settings could not be checked"):
             task_cfg = copy.deepcopy(config)  # as Hydra hands it to the task: typed, so that unknown keys show
             with open_dict(task_cfg):
                 del task_cfg["hydra"]
             check_hydra_settings(config.hydra, config.hydra.run.dir, new_run=True)
             plan = make_plan(task_cfg, config.hydra.run.dir, list(config.hydra.overrides.task))
-        except UserError as e:
-            exit_with(e)
-        except OSError as e:  # a path in the settings that the file system refuses to look at
-            exit_with(os_error(e))
-        except Exception as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"error: the settings could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
-                  "traceback)", file=sys.stderr, flush=True)
-            sys.exit(1)
         if plan.in_place:
             import time
 

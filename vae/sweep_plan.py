@@ -26,7 +26,6 @@ import itertools
 import logging
 import math
 import os
-import sys
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
@@ -34,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae.errors import UserError, describe, exit_with
+from vae.errors import UserError, describe, exit_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -406,13 +405,5 @@ class CheckSweep(Callback):
     line and a non-zero status, whatever went wrong (Hydra would only warn about an exception here and go on)."""
 
     def on_multirun_start(self, config: DictConfig, **kwargs) -> None:
-        try:
+        with exit_on_failure("the sweep could not be checked"):
             warn_impossible(check_sweep(config))
-        except UserError as e:
-            exit_with(e)
-        except Exception as e:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1":
-                raise
-            print(f"error: the sweep could not be checked: {describe(e)} (set HYDRA_FULL_ERROR=1 for the "
-                  "traceback)", file=sys.stderr, flush=True)
-            sys.exit(1)
