@@ -24,7 +24,7 @@ py=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
 runs=${RUNS_DIR:-/tmp/gpu-runs}
 EXTRA=${EXTRA:-}   # overrides added to the timed train.py runs (a dry run on a CPU: EXTRA="debug=tiny data.root=...")
-EXTRA_LIST=${EXTRA_LIST:-}  # the same for the study cells, as ",key=value,..." (a dry run: ",debug=tiny,epochs=1")
+EXTRA_LIST=${EXTRA_LIST:-}  # the same for the study cells, as ',"key=value",...' (a dry run: ',"debug=tiny"')
 mkdir -p "$runs" data/MNIST/raw
 left() { echo $(( deadline - $(date +%s) )); }
 
@@ -65,12 +65,12 @@ pytest_pid=$!
 # its time limit is finished by the next call with the same command; results.json/.md and figures per protocol.
 study() {  # study NAME EXTRA ARGS...: one grid, 8 cells at a time, compile + CUDA graph, EXTRA more overrides
   timeout "$(left)" $py -m vae.study dir="$runs/$1" jobs="${PARALLEL:-8}" threads=null "${@:3}" \
-    "extra=[device=cuda,compile=true,cuda_graph=true$2${EXTRA_LIST:-}]" > "$runs/$1.log" 2>&1
+    "extra=[\"device=cuda\",\"compile=true\",\"cuda_graph=true\"$2${EXTRA_LIST:-}]" > "$runs/$1.log" 2>&1
   echo "$1: exit $? at $((SECONDS - start)) s"
 }
 study reinmax "" preset=reinmax "shapes=[10x30,8x4,4x24,64x8]" \
   "estimators=[reinmax,st_gumbel,gumbel_rao,gumbel]" "seeds=[0,1,2]"
-study paper ",eval.iw_samples=1000" preset=paper \
+study paper ',"eval.iw_samples=1000"' preset=paper \
   "estimators=[gumbel,st_gumbel,st,annealed_st,sf,rloo,muprop,gumbel_rao,reinmax]" "seeds=[0,1,2]"
 wait $pytest_pid
 tail -n 5 "$out/pytest.log"
