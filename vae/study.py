@@ -235,7 +235,8 @@ def aggregate(cells: List[Cell], out_dir: Path) -> dict:
             for key in ("test_elbo_discrete", "test_iw_bound", "test_loss"):
                 values = [m[key] for m in metrics if isinstance(m.get(key), (int, float))]
                 if values:
-                    row[key] = {"mean": mean_std(values)[0], "std": mean_std(values)[1], "n": len(values),
+                    mean, std = mean_std(values)
+                    row[key] = {"mean": mean, "std": std, "n": len(values),
                                 "values": values}
             row["published"] = published_for(group[0].experiment, group[0].shape, estimator)
             row["curves"] = {str(c.seed): read_curves(c.dir) for c in done}
