@@ -5,9 +5,9 @@
     python train.py estimator=reinmax             # another gradient estimator (docs/estimators.md)
     python train.py resume=outputs/<date>/<time>/checkpoints/last.pt
 
-Settings: configs/config.yaml (schema in vae/config.py). The story: config -> data -> trainer -> fit (epochs of
+Settings: configs/config.yaml (schema in vae/settings/config.py). The story: config -> data -> trainer -> fit (epochs of
 steps, each followed by a test pass, TensorBoard and a checkpoint) -> final evaluation -> metrics.json.
-The loop itself is vae/trainer.py.
+The loop itself is vae/training/trainer.py.
 """
 from __future__ import annotations
 
@@ -20,14 +20,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from vae.checkpoint import RunCheckpoints
-from vae.errors import TrainingDiverged, entry_point, memory_hint
+from vae.training.checkpoint import RunCheckpoints
+from vae.common.errors import TrainingDiverged, entry_point, memory_hint
 from vae.data import data_fingerprint, dataset_title
-from vae.device_data import load_device_splits
-from vae.gumbel import sample_gumbel
-from vae.plan import take as take_plan
-from vae.progress import ProgressBar, StopFlag
-from vae.rundir import locked, override, write_metrics
+from vae.data.device_data import load_device_splits
+from vae.core.gumbel import sample_gumbel
+from vae.training.plan import take as take_plan
+from vae.training.progress import ProgressBar, StopFlag
+from vae.training.rundir import locked, override, write_metrics
 
 log = logging.getLogger("train")
 
@@ -40,13 +40,13 @@ def train(cfg: DictConfig) -> float:
 def run(cfg: DictConfig, stop: StopFlag, held: contextlib.ExitStack) -> float:
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from vae.snr import GradientSNR
-    from vae.tensorboard import TensorBoardLog, log_hparams
-    from vae.tracking import trackers
-    from vae.trainer import Trainer, training_sizes
+    from vae.training.snr import GradientSNR
+    from vae.training.tensorboard import TensorBoardLog, log_hparams
+    from vae.training.tracking import trackers
+    from vae.training.trainer import Trainer, training_sizes
 
     hydra_cfg = HydraConfig.get()
-    plan = take_plan(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task)  # made once (vae/plan.py)
+    plan = take_plan(cfg, hydra_cfg.runtime.output_dir, hydra_cfg.overrides.task)  # made once (vae/training/plan.py)
     cfg, run_dir, device, resumed = plan.cfg, plan.run_dir, plan.device, plan.resumed
     held.enter_context(locked(run_dir, resuming=plan.in_place))  # one train.py per run directory
     checkpoints = RunCheckpoints(run_dir / "checkpoints")
@@ -140,7 +140,7 @@ def main(cfg: DictConfig) -> float:
 
 
 if __name__ == "__main__":
-    from vae.config_files import check_config_files
+    from vae.settings.config_files import check_config_files
 
     check_config_files(__file__)  # a YAML named with --config-*: one line, not Hydra's traceback or hang
     main()

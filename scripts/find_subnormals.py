@@ -8,9 +8,9 @@ A float32 x is subnormal when 0 < |x| < torch.finfo(torch.float32).tiny (1.18e-3
 values in slow microcode unless flush-to-zero / denormals-are-zero is on (`torch.set_flush_denormal(True)`).
 
 The script builds the default model and training exactly as train.py does (configs/config.yaml composed by
-Hydra: batch 100, Adam lr 1e-3 (fused, vae.engine.make_optimizer), 30 x 10 latents, soft Gumbel-softmax,
-tau from vae.schedule.tau_for, the seeded streams of vae.engine.make_generators, one randperm per epoch,
-vae.engine.TrainStep in eager mode), trains, and every K steps counts subnormals in
+Hydra: batch 100, Adam lr 1e-3 (fused, vae.training.engine.make_optimizer), 30 x 10 latents, soft Gumbel-softmax,
+tau from vae.core.schedule.tau_for, the seeded streams of vae.training.engine.make_generators, one randperm per epoch,
+vae.training.engine.TrainStep in eager mode), trains, and every K steps counts subnormals in
 
 * every parameter, its gradient (of the step just taken) and Adam's exp_avg / exp_avg_sq;
 * every layer's output ("act") and the gradient the backward pass sends into that output ("dact"), recorded
@@ -54,10 +54,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from vae.data import load_splits  # noqa: E402
-from vae.device_data import make_splits  # noqa: E402
-from vae.engine import TrainStep, make_generators, make_optimizer  # noqa: E402
-from vae.model import CategoricalVAE  # noqa: E402
-from vae.schedule import tau_for  # noqa: E402
+from vae.data.device_data import make_splits  # noqa: E402
+from vae.training.engine import TrainStep, make_generators, make_optimizer  # noqa: E402
+from vae.core.model import CategoricalVAE  # noqa: E402
+from vae.core.schedule import tau_for  # noqa: E402
 
 TINY = torch.finfo(torch.float32).tiny
 # The step timers: CPU time of this thread by default, which a busy shared machine disturbs far less than
@@ -78,7 +78,7 @@ def n_sub(t) -> int:
 
 def compose_config(args):
     from hydra import compose, initialize_config_dir
-    from vae.config import CONFIG_DIR
+    from vae.settings.config import CONFIG_DIR
     overrides = ["device=cpu", f"threads={args.threads}", f"seed={args.seed}"] + list(args.overrides)
     if args.data_root:
         overrides.append(f"data.root={args.data_root}")
@@ -232,7 +232,7 @@ def unit_activity(model, split, tau, seed=0, batch=1000):
             counts[k] = c if counts[k] is None else counts[k] + c
         handles.append(m.register_forward_hook(hook))
     try:
-        from vae.gumbel import gumbel_softmax
+        from vae.core.gumbel import gumbel_softmax
         for x in split.batches(batch):
             logits = model.encode(x)
             model.decode(gumbel_softmax(logits, tau, generator=gen))

@@ -25,7 +25,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from vae.machine import cpu_model  # noqa: E402
+from vae.tools.machine import cpu_model  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FORMAT = "gumbel-vae-result/1"

@@ -52,7 +52,7 @@ def compose_train(*overrides: str, run_dir=None):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
-    from vae.config import CONFIG_DIR
+    from vae.settings.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("config", overrides=list(overrides), return_hydra_config=True)
@@ -91,7 +91,7 @@ def train_in_process(data_root: Path, run_dir: Path, *extra: str) -> dict:
         # that the tests after it compute what they would alone.
         torch.set_num_threads(threads)
         torch.set_flush_denormal(False)
-    from vae.rundir import run_dir_of
+    from vae.training.rundir import run_dir_of
 
     run_dir = Path(run_dir)
     if task_cfg.resume is not None:  # a resumed run writes into its own directory, when it can

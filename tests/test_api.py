@@ -13,7 +13,7 @@ from omegaconf import OmegaConf
 
 from conftest import REPO, run_train
 from vae.api import load, path_codes
-from vae.errors import UserError
+from vae.common.errors import UserError
 
 NOTEBOOK_PLACEHOLDER = '"outputs/<date>/<time>/checkpoints/best.pt"'
 
@@ -70,7 +70,7 @@ def test_uint8_floats_numpy_flat_and_single_images_are_the_same_input(m):
 
 def test_images_in_are_exactly_what_the_trainer_feeds_the_model(m):
     """uint8 images become the very floats DeviceSplit.batch gives the model in training and in vae.evaluate."""
-    from vae.device_data import DeviceSplit
+    from vae.data.device_data import DeviceSplit
 
     x = (torch.arange(20 * 28 * 28) % 256).to(torch.uint8).reshape(20, 28, 28)  # every grey level, not only 0 and 255
     split = DeviceSplit(x, "cpu")

@@ -7,7 +7,7 @@ import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-from vae.config import DataConfig
+from vae.settings.config import DataConfig
 from vae.data import DataError, dataset_title, load_splits
 from vae.data.arrays import load
 

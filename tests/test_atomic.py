@@ -1,4 +1,4 @@
-"""vae/atomic.py: a write is the old file or the new one, and never replaces what is not a regular file."""
+"""vae/common/atomic.py: a write is the old file or the new one, and never replaces what is not a regular file."""
 from __future__ import annotations
 
 import os
@@ -6,8 +6,8 @@ import socket
 
 import pytest
 
-from vae.atomic import WriteFailed, atomic_write_text, not_a_regular_file
-from vae.errors import UserError
+from vae.common.atomic import WriteFailed, atomic_write_text, not_a_regular_file
+from vae.common.errors import UserError
 
 
 def special_files(tmp_path):

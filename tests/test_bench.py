@@ -16,8 +16,8 @@ from omegaconf import OmegaConf
 from conftest import subprocess_env
 from idx import make_tiny_dataset
 from vae import bench as bench_mod
-from vae.config import CONFIG_DIR, REPO_DIR
-from vae.errors import UserError
+from vae.settings.config import CONFIG_DIR, REPO_DIR
+from vae.common.errors import UserError
 
 POSITIVE = ("images_per_s", "s_per_epoch", "seconds", "ms_per_step", "compile_s", "estimate_s",
             "speedup_vs_baseline")

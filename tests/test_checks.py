@@ -1,4 +1,4 @@
-"""vae/checks.py: the start-up checks end a bad command with one line, before Hydra creates anything."""
+"""vae/settings/checks.py: the start-up checks end a bad command with one line, before Hydra creates anything."""
 from __future__ import annotations
 
 import subprocess
@@ -7,9 +7,9 @@ import sys
 import pytest
 
 from conftest import REPO, compose_train, subprocess_env
-from vae.checks import check_output_file
-from vae.plan import ValidateOnStart
-from vae.errors import UserError
+from vae.settings.checks import check_output_file
+from vae.training.plan import ValidateOnStart
+from vae.common.errors import UserError
 
 
 def on_run_start(capsys, *overrides):

@@ -6,9 +6,9 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import run_train, tiny_overrides
-from vae.checks import validate
-from vae.config import CONFIG_DIR
-from vae.errors import UserError
+from vae.settings.checks import validate
+from vae.settings.config import CONFIG_DIR
+from vae.common.errors import UserError
 
 
 def composed(*overrides):
@@ -124,7 +124,7 @@ def test_readme_documents_every_setting():
     from dataclasses import fields
 
     from conftest import REPO
-    from vae.config import Config, DataConfig, EvalConfig
+    from vae.settings.config import Config, DataConfig, EvalConfig
 
     readme = (REPO / "README.md").read_text()
     keys = [f.name for f in fields(Config) if f.name not in ("data", "eval")]

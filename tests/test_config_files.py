@@ -1,4 +1,4 @@
-"""vae/config_files.py: a YAML file named on the command line that Hydra would choke on is refused in one line."""
+"""vae/settings/config_files.py: a YAML file named on the command line that Hydra would choke on is refused in one line."""
 from __future__ import annotations
 
 import subprocess
@@ -7,8 +7,8 @@ import sys
 import pytest
 
 from conftest import REPO, subprocess_env
-from vae.config import CONFIG_DIR
-from vae.config_files import MAX_VALUES, problem
+from vae.settings.config import CONFIG_DIR
+from vae.settings.config_files import MAX_VALUES, problem
 
 BOMB = "".join(f"{x}: &{x} [{', '.join([f'*{p}'] * 9) if p else ', '.join(['x'] * 9)}]\n"
                for p, x in zip([None, *"abcdef"], "abcdefg"))  # 9^7 = 4.8 million values from 7 lines

@@ -1,4 +1,4 @@
-"""vae/console.py: a reader of the output that leaves early costs nothing."""
+"""vae/common/console.py: a reader of the output that leaves early costs nothing."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from conftest import REPO, subprocess_env
 
 READER_GONE = r"""
 import logging, sys
-from vae.console import readers_may_leave
+from vae.common.console import readers_may_leave
 handler = logging.StreamHandler(sys.stdout)
 logging.basicConfig(level=logging.INFO, handlers=[handler])
 with readers_may_leave():

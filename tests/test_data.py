@@ -19,12 +19,12 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-import vae.atomic as atomic
+import vae.common.atomic as atomic
 import vae.data as data
 import vae.data.sources as sources
 import vae.data.verify as verify
 from idx import make_tiny_dataset, md5_sums, write_idx, write_idx_images, write_idx_labels
-from vae.config import DataConfig
+from vae.settings.config import DataConfig
 from vae.data import DataError, load_split, prepare, read_idx
 from vae.data.__main__ import main
 
@@ -337,7 +337,7 @@ def test_real_read_only_mount_with_a_missing_file_fails_before_the_run(read_only
 def test_importing_and_reading_leave_the_sources_unloaded(tmp_path):
     """The fetching machinery (vae.data.sources, torchvision) is imported only when a file is missing."""
     make_tiny_dataset(tmp_path)
-    code = ("import sys\nfrom omegaconf import OmegaConf\nfrom vae.config import DataConfig\n"
+    code = ("import sys\nfrom omegaconf import OmegaConf\nfrom vae.settings.config import DataConfig\n"
             "from vae.data import load_splits\n"
             f"load_splits(OmegaConf.structured(DataConfig(root={str(tmp_path)!r}, verify=False)))\n"
             "heavy = {'vae.data.sources', 'torchvision'} & set(sys.modules)\n"
@@ -535,7 +535,7 @@ WORKER = """
 import json, sys, time
 from pathlib import Path
 from omegaconf import OmegaConf
-from vae.config import DataConfig
+from vae.settings.config import DataConfig
 from vae.data import prepare
 root, system, go, sums = sys.argv[1], sys.argv[2], Path(sys.argv[3]), json.loads(sys.argv[4])
 cfg = OmegaConf.structured(DataConfig(root=root, sources=["local", "system"], system_path=system))

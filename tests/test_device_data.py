@@ -1,9 +1,9 @@
-"""vae/device_data.py: splits held on the device, the validation split carved from the training set."""
+"""vae/data/device_data.py: splits held on the device, the validation split carved from the training set."""
 import pytest
 import torch
 
-from vae.device_data import DeviceSplit, make_splits, validation_count
-from vae.errors import UserError
+from vae.data.device_data import DeviceSplit, make_splits, validation_count
+from vae.common.errors import UserError
 
 
 def images(n, h=5, w=4, seed=0):

@@ -74,7 +74,7 @@ def test_resume_mid_epoch_is_bitwise_identical(tiny_data, tmp_path, monkeypatch,
 @torch.no_grad()
 def exact_nll(model, x) -> float:
     """-log p(x) = -log sum_z p(x|z) p(z), mean over the images x [B, 784], by enumerating every code (few here).
-    From the formulas, not from vae.metrics: log p(x|z) = sum_pixels x l - softplus(l) for decoder logits l."""
+    From the formulas, not from vae.core.metrics: log p(x|z) = sum_pixels x l - softplus(l) for decoder logits l."""
     import itertools
 
     import torch.nn.functional as F

@@ -1,11 +1,11 @@
 """The training step: fast modes learn what eager mode learns; resolving modes never crashes."""
 import torch
 
-from vae import metrics
-from vae.device_data import DeviceSplit
-from vae.engine import TrainStep, make_optimizer, pick_modes, set_lr_
+from vae.core import metrics
+from vae.data.device_data import DeviceSplit
+from vae.training.engine import TrainStep, make_optimizer, pick_modes, set_lr_
 from vae.estimators import make_estimator
-from vae.model import CategoricalVAE
+from vae.core.model import CategoricalVAE
 
 CPU = torch.device("cpu")
 
@@ -72,7 +72,7 @@ def test_set_lr_writes_a_tensor_learning_rate_in_place():
 
 def test_the_rng_streams_are_named_once():
     """The checkpoint saves and checks the streams make_generators makes, by the one tuple of their names."""
-    from vae import checkpoint
-    from vae.engine import RNG_STREAMS, make_generators
+    from vae.training import checkpoint
+    from vae.training.engine import RNG_STREAMS, make_generators
 
     assert tuple(make_generators(0, CPU)) == RNG_STREAMS and checkpoint.RNG_STREAMS is RNG_STREAMS

@@ -1,10 +1,10 @@
-"""vae/errors.py: one line per failure, out-of-memory errors named as such with what they asked for."""
+"""vae/common/errors.py: one line per failure, out-of-memory errors named as such with what they asked for."""
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from vae.errors import UserError, describe, is_out_of_memory, memory_hint, shorten
+from vae.common.errors import UserError, describe, is_out_of_memory, memory_hint, shorten
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
            "allocate 40000000000 bytes. Error code 12 (Cannot allocate memory)")
@@ -45,7 +45,7 @@ def test_the_memory_hint_says_how_much_and_names_the_settings(error, size):
 
 
 def test_an_entry_point_turns_memory_and_file_system_errors_into_one_line(capsys):
-    from vae.errors import entry_point
+    from vae.common.errors import entry_point
 
     def failing(error):
         @entry_point

@@ -12,16 +12,16 @@ import torch.nn.functional as F
 
 from omegaconf import OmegaConf
 
-from vae.config import Config, validate_ranges
-from vae.errors import UserError
+from vae.settings.config import Config, validate_ranges
+from vae.common.errors import UserError
 from vae.estimators import (ESTIMATORS, Estimator, check_settings, config_settings, default_samples, make_estimator,
                             register)
 from vae.estimators import exact as exact_module
 from vae.estimators.base import sample_codes
 from vae.estimators.relaxed import conditional_gumbel
-from vae.gumbel import gumbel_softmax, sample_gumbel, straight_through
-from vae.loss import bce_per_image, kl_categorical, negative_elbo
-from vae.model import CategoricalVAE
+from vae.core.gumbel import gumbel_softmax, sample_gumbel, straight_through
+from vae.core.loss import bce_per_image, kl_categorical, negative_elbo
+from vae.core.model import CategoricalVAE
 
 torch.set_num_threads(1)
 NAMES = list(ESTIMATORS)  # the built-in ones: a test that registers another removes it again
@@ -38,7 +38,7 @@ def estimator(name, samples=None, decay=0.9, device="cpu"):
 
 
 def check(name, samples, latent_dim, categorical_dim, decay):
-    """The config check of the estimator's settings, as vae.config runs it."""
+    """The config check of the estimator's settings, as vae.settings.config runs it."""
     return check_settings(name, settings(name, samples, decay), latent_dim, categorical_dim)
 
 
@@ -121,7 +121,7 @@ def test_gumbel_and_st_gumbel_are_the_original_batch_loss_bitwise(name, hard):
             assert est.noise_shape(6, 3, 4) == (6, 3, 4)
             surrogate, loss, bce, kl = est.batch_loss(model, x, noise, tau)
             assert surrogate is loss
-        else:  # the reference formula, as vae/engine.py's batch_loss had it
+        else:  # the reference formula, as vae/training/engine.py's batch_loss had it
             logits = model.encode(x)
             z = gumbel_softmax(logits, tau, hard=hard, noise=noise)
             loss, bce, kl = negative_elbo(model.decode(z), x, logits, model.log_prior())
@@ -549,8 +549,8 @@ def test_each_estimator_in_a_compiled_captured_train_step_matches_eager(name):
     """TrainStep with compile=True and cuda_graph=True (the default on CUDA) against eager TrainStep: the same
     losses step by step, the same weights and estimator state after them. A host sync inside batch_loss would make
     the capture fail; an estimator state read at a stale address would make the replays drift."""
-    from vae.device_data import DeviceSplit
-    from vae.engine import TrainStep, make_optimizer
+    from vae.data.device_data import DeviceSplit
+    from vae.training.engine import TrainStep, make_optimizer
 
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device("cuda")

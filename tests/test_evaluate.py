@@ -12,14 +12,15 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from idx import make_tiny_dataset
-from vae import latents, metrics
-from vae.checkpoint import FORMAT
-from vae.config import REPO_DIR, Config
+from vae.core import metrics
+from vae.pictures import latents
+from vae.training.checkpoint import FORMAT
+from vae.settings.config import REPO_DIR, Config
 from vae.data import load_split
-from vae.device_data import make_splits
-from vae.errors import UserError
+from vae.data.device_data import make_splits
+from vae.common.errors import UserError
 from vae.evaluate import EvaluateConfig, evaluate, load_test_split
-from vae.model import CategoricalVAE
+from vae.core.model import CategoricalVAE
 
 N_TRAIN, N_TEST = 40, 12
 

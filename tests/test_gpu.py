@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from conftest import run_script, run_train, tiny_overrides
-from vae.device_data import DeviceSplit
-from vae.engine import TrainStep, make_optimizer, set_lr_
+from vae.data.device_data import DeviceSplit
+from vae.training.engine import TrainStep, make_optimizer, set_lr_
 from vae.estimators import make_estimator
-from vae.gumbel import sample_gumbel
-from vae.model import CategoricalVAE
+from vae.core.gumbel import sample_gumbel
+from vae.core.model import CategoricalVAE
 
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]

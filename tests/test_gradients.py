@@ -13,14 +13,14 @@ from PIL import Image
 from conftest import subprocess_env, train_in_process
 from test_evaluate import write_checkpoint
 from vae import gradients
-from vae.config import CONFIG_DIR, REPO_DIR
-from vae.errors import UserError
+from vae.settings.config import CONFIG_DIR, REPO_DIR
+from vae.common.errors import UserError
 from vae.estimators import make_estimator
-from vae.gradient_stats import compare, encoder_gram, kl_logits_gradient, logits_gradients, reinmax, summarize
+from vae.tools.gradient_stats import compare, encoder_gram, kl_logits_gradient, logits_gradients, reinmax, summarize
 from vae.gradients import run
-from vae.gumbel import gumbel_softmax, sample_gumbel
-from vae.loss import bce_per_image
-from vae.model import CategoricalVAE
+from vae.core.gumbel import gumbel_softmax, sample_gumbel
+from vae.core.loss import bce_per_image
+from vae.core.model import CategoricalVAE
 
 torch.set_num_threads(1)
 

@@ -2,7 +2,7 @@
 import torch
 import torch.nn.functional as F
 
-from vae.gumbel import gumbel_softmax, one_hot_argmax, sample_categorical, sample_gumbel
+from vae.core.gumbel import gumbel_softmax, one_hot_argmax, sample_categorical, sample_gumbel
 
 # Upper 0.1% point of the chi-square distribution with 4 degrees of freedom (K = 5 classes).
 CHI2_4DF_999 = 18.467

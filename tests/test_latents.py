@@ -1,4 +1,4 @@
-"""Code usage and TensorBoard tags of vae/latents.py against numbers worked out by hand (the pictures drawn from
+"""Code usage and TensorBoard tags of vae/pictures/latents.py against numbers worked out by hand (the pictures drawn from
 them: tests/test_pictures.py).
 
 The encoder is one Linear layer with hand-set weights and images that each light one pixel, so image i's
@@ -12,9 +12,9 @@ import pytest
 import torch
 import torch.nn as nn
 
-from vae.device_data import DeviceSplit
-from vae.latents import code_usage, custom_scalars_layout, log_latents
-from vae.model import IMAGE_PIXELS, CategoricalVAE
+from vae.data.device_data import DeviceSplit
+from vae.pictures.latents import code_usage, custom_scalars_layout, log_latents
+from vae.core.model import IMAGE_PIXELS, CategoricalVAE
 
 N, K = 4, 3
 SURE = 100.0  # a logit margin that makes q one-hot to float32 precision (e^-100 ~ 4e-44)

@@ -5,9 +5,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vae.loss import bce_per_image, kl_categorical, negative_elbo
-from vae.model import CategoricalVAE
-from vae.schedule import temperature_at
+from vae.core.loss import bce_per_image, kl_categorical, negative_elbo
+from vae.core.model import CategoricalVAE
+from vae.core.schedule import temperature_at
 
 
 def uniform_log_prior(n, k):

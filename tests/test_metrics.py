@@ -13,9 +13,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vae import metrics
-from vae.device_data import DeviceSplit
-from vae.model import IMAGE_PIXELS, CategoricalVAE
+from vae.core import metrics
+from vae.data.device_data import DeviceSplit
+from vae.core.model import IMAGE_PIXELS, CategoricalVAE
 
 N, K = 2, 3
 N_IMAGES = 5
@@ -50,7 +50,7 @@ def all_codes(dtype=torch.float64) -> torch.Tensor:
 def exact_terms(model, x):
     """(log p(x,z) - log q(z|x) [9, B], q(z|x) [9, B], log p(x) [B], discrete -ELBO [B]), by enumeration.
 
-    Written from the formulas, not from vae.loss: log p(x|z) = sum_pixels x l - softplus(l) for logits l.
+    Written from the formulas, not from vae.core.loss: log p(x|z) = sum_pixels x l - softplus(l) for logits l.
     """
     codes = all_codes(x.dtype)
     x_logits = model.decode(codes)[:, None, :]                              # [9, 1, 784]

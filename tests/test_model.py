@@ -1,9 +1,9 @@
-"""vae/model.py: the two networks, any image size, and the registry every command builds from."""
+"""vae/core/model.py: the two networks, any image size, and the registry every command builds from."""
 import pytest
 import torch
 import torch.nn as nn
 
-from vae.model import MODELS, CategoricalVAE, ConvCategoricalVAE, build_model
+from vae.core.model import MODELS, CategoricalVAE, ConvCategoricalVAE, build_model
 
 
 def test_the_mlp_is_the_papers_network_with_the_same_initial_weights_as_before():

@@ -1,4 +1,4 @@
-"""The pictures of vae/pictures.py, tile by tile, against pictures worked out by hand.
+"""The pictures of vae/pictures/__init__.py, tile by tile, against pictures worked out by hand.
 
 The model has N = 2 variables of K = 3 classes and 2 x 3 images (so the image shape must come from the model:
 28 x 28 would not even reshape). Its decoder draws the code itself: pixel (n, k) is white exactly when z_n = k,
@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from vae import pictures
-from vae.model import CategoricalVAE
+from vae.core.model import CategoricalVAE
 
 N, K = 2, 3
 H, W = 2, 3                # one pixel per code unit
@@ -144,9 +144,9 @@ def test_class_means_rows_follow_kl_and_empty_classes_are_blank():
 def test_latent_pictures_draws_the_code_from_code_usage_stats(model):
     from types import SimpleNamespace
 
-    from vae.latents import code_usage
+    from vae.pictures.latents import code_usage
 
-    x = images(0, 1, 2)  # a split of 2 x 3 images, in the shape of vae.device_data.DeviceSplit
+    x = images(0, 1, 2)  # a split of 2 x 3 images, in the shape of vae.data.device_data.DeviceSplit
     split = SimpleNamespace(n=3, device=x.device, batches=lambda b, generator=None: iter(x.split(b)))
     stats = code_usage(model, split, batch_size=2)
     drawn = pictures.latent_pictures(model, images(0)[0], stats, max_rows=10)

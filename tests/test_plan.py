@@ -1,4 +1,4 @@
-"""vae/plan.py: one plan per run. The checkpoint is read once, the settings are checked once, a resume in place
+"""vae/training/plan.py: one plan per run. The checkpoint is read once, the settings are checked once, a resume in place
 keeps the whole run in its directory, and checkpoints written before the newer settings existed still resume."""
 from __future__ import annotations
 
@@ -16,15 +16,15 @@ def test_a_resumed_run_reads_its_checkpoint_once_and_checks_its_settings_once(ti
     from omegaconf import OmegaConf
 
     import train as train_script
-    import vae.config
-    from vae.plan import ValidateOnStart
+    import vae.settings.config
+    from vae.training.plan import ValidateOnStart
 
     train_in_process(tiny_data, tmp_path / "run", "epochs=1")
     last = tmp_path / "run" / "checkpoints" / "last.pt"
     loads, checks = [], []
-    real_load, real_validate = torch.load, vae.config.validate_ranges
+    real_load, real_validate = torch.load, vae.settings.config.validate_ranges
     monkeypatch.setattr(torch, "load", lambda *a, **k: loads.append(a[0]) or real_load(*a, **k))
-    monkeypatch.setattr(vae.config, "validate_ranges", lambda cfg: checks.append(1) or real_validate(cfg))
+    monkeypatch.setattr(vae.settings.config, "validate_ranges", lambda cfg: checks.append(1) or real_validate(cfg))
     cfg = compose_train("debug=tiny", f"data.root={tiny_data}", f"resume={last}", "epochs=2",
                         f"hydra.run.dir={tmp_path / 'new'}", run_dir=tmp_path / "new")
     ValidateOnStart().on_run_start(cfg)  # before Hydra creates the run directory
@@ -100,7 +100,7 @@ def test_own_data_is_recorded_by_its_absolute_path(tmp_path, monkeypatch):
 def test_an_estimators_own_setting_given_on_resume_is_used(tiny_data, tmp_path):
     from omegaconf import OmegaConf
 
-    from vae.checkpoint import resume_config
+    from vae.training.checkpoint import resume_config
 
     train_in_process(tiny_data, tmp_path / "run", "epochs=1")
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.pt", weights_only=True)

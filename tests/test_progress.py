@@ -1,6 +1,6 @@
-"""vae/progress.py: the epoch's log line.
+"""vae/training/progress.py: the epoch's log line.
 
-Also: vae/progress.py: every signal that would end a run by default stops it cleanly instead (save, hint, status)."""
+Also: vae/training/progress.py: every signal that would end a run by default stops it cleanly instead (save, hint, status)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -8,10 +8,10 @@ from types import SimpleNamespace
 import pytest
 
 from vae.estimators import ESTIMATORS, make_estimator
-from vae.progress import ProgressBar
+from vae.training.progress import ProgressBar
 import signal
 import torch
-from vae.progress import SIGNAL_EXIT, StopFlag
+from vae.training.progress import SIGNAL_EXIT, StopFlag
 
 USE_TAU = {"gumbel", "st_gumbel", "annealed_st", "gumbel_rao", "reinmax"}
 

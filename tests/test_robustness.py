@@ -15,9 +15,9 @@ import torch
 
 from conftest import REPO, run_train, subprocess_env, tiny_overrides, train_in_process
 from idx import make_tiny_dataset
-from vae import checkpoint as ckpt_io
-from vae.atomic import remove_stray_temporaries
-from vae.errors import UserError
+from vae.training import checkpoint as ckpt_io
+from vae.common.atomic import remove_stray_temporaries
+from vae.common.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +140,7 @@ def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tiny_data, tmp_path
 
 SAVER = r"""
 import sys, torch
-from vae.checkpoint import save_checkpoint
+from vae.training.checkpoint import save_checkpoint
 i = 0
 while True:
     i += 1
@@ -198,7 +198,7 @@ def test_a_compiler_that_fails_falls_back_to_eager(tiny_data, tmp_path):
 def validate_on_start(capsys, *overrides, run_dir):
     """What ValidateOnStart does with `python train.py <overrides>`: its exit status and the lines it printed."""
     from conftest import compose_train
-    from vae.plan import ValidateOnStart
+    from vae.training.plan import ValidateOnStart
 
     cfg = compose_train(*overrides, f"hydra.run.dir={run_dir}", run_dir=run_dir)
     with pytest.raises(SystemExit) as e:
@@ -223,12 +223,12 @@ def test_start_up_checks_name_the_setting_in_one_line(tiny_data, tmp_path, capsy
 
 
 def test_an_unexpected_failure_in_the_start_up_checks_exits_too(tiny_data, tmp_path, capsys, monkeypatch):
-    import vae.plan
+    import vae.training.plan
 
     def broken(*a, **k):
         raise ValueError("Overflow when unpacking long long")
 
-    monkeypatch.setattr(vae.plan, "make_plan", broken)
+    monkeypatch.setattr(vae.training.plan, "make_plan", broken)
     code, lines = validate_on_start(capsys, f"data.root={tiny_data}", run_dir=tmp_path / "run")
     assert code == 1 and len(lines) == 1 and "ValueError: Overflow" in lines[0], lines
 
@@ -272,8 +272,8 @@ CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: c
 
 
 def test_out_of_memory_names_the_settings_that_size_it(tiny_data, tmp_path, monkeypatch):
-    from vae import metrics
-    from vae.trainer import Trainer
+    from vae.core import metrics
+    from vae.training.trainer import Trainer
 
     def no_memory(*a, **k):
         raise RuntimeError(CPU_OOM)
@@ -321,9 +321,9 @@ def test_a_full_disk_while_saving_ends_the_run_in_one_line_and_keeps_the_checkpo
 TENSORBOARD_ON_A_FULL_DISK = r"""
 import sys, torch
 from types import SimpleNamespace
-from vae.errors import UserError
-from vae.model import CategoricalVAE
-from vae.tensorboard import TensorBoardLog
+from vae.common.errors import UserError
+from vae.core.model import CategoricalVAE
+from vae.training.tensorboard import TensorBoardLog
 trainer = SimpleNamespace(state=SimpleNamespace(step=0, tau=1.0), model=CategoricalVAE(3, 4))
 test = {"loss": 1.0, "bce": 1.0, "kl": 0.0, "elbo_discrete": 1.0}
 try:
@@ -349,7 +349,7 @@ def test_a_full_disk_under_tensorboard_is_one_line(tmp_path):
 
 
 def test_every_write_failure_is_one_line_whatever_its_type(tmp_path):
-    from vae.atomic import WriteFailed, atomic_write, atomic_write_text
+    from vae.common.atomic import WriteFailed, atomic_write, atomic_write_text
 
     path = tmp_path / "metrics.json"
     atomic_write_text(path, "{}")
@@ -403,7 +403,7 @@ def test_sigterm_during_the_final_iw_bound_stops_at_once_and_keeps_what_is_done(
 def test_a_second_signal_is_heard_and_changes_nothing(capsys):
     import os
 
-    from vae.progress import StopFlag
+    from vae.training.progress import StopFlag
 
     with StopFlag() as stop:
         os.kill(os.getpid(), signal.SIGTERM)
@@ -432,9 +432,9 @@ class StopAfter:
 
 
 def test_iw_bound_stops_between_chunks():
-    from vae import metrics
-    from vae.device_data import DeviceSplit
-    from vae.model import CategoricalVAE
+    from vae.core import metrics
+    from vae.data.device_data import DeviceSplit
+    from vae.core.model import CategoricalVAE
 
     split = DeviceSplit(torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8), torch.device("cpu"), "none")
     model = CategoricalVAE(3, 4)
@@ -503,13 +503,13 @@ def test_a_run_directory_that_cannot_be_written_is_not_resumed_in_place(finished
                                                                          monkeypatch):
     import os
 
-    import vae.rundir
+    import vae.training.rundir
 
     run_dir = copy_run(finished_run, tmp_path / "run")
     before = sorted(p.name for p in run_dir.rglob("*"))
     real_access = os.access
     # We run as root here, for whom chmod does not make a directory read-only: say it is.
-    monkeypatch.setattr(vae.rundir.os, "access", lambda p, mode: False if str(p).startswith(str(run_dir))
+    monkeypatch.setattr(vae.training.rundir.os, "access", lambda p, mode: False if str(p).startswith(str(run_dir))
                         else real_access(p, mode))
     new = tmp_path / "new"
     train_in_process(tiny_data, new, f"resume={run_dir / 'checkpoints' / 'last.pt'}", "epochs=2")
@@ -529,7 +529,7 @@ def test_resuming_best_pt_does_not_overwrite_the_runs_later_last_pt(finished_run
 # --- one run per run directory ---------------------------------------------------------------------------------------
 
 def test_a_second_run_in_a_run_directory_in_use_refuses(tiny_data, tmp_path):
-    from vae.rundir import locked
+    from vae.training.rundir import locked
 
     run_dir = tmp_path / "run"
     with locked(run_dir):  # another train.py, training there now
@@ -540,7 +540,7 @@ def test_a_second_run_in_a_run_directory_in_use_refuses(tiny_data, tmp_path):
 
 
 def test_a_resume_of_a_run_being_trained_refuses(finished_run, tiny_data, tmp_path):
-    from vae.rundir import locked
+    from vae.training.rundir import locked
 
     run_dir = copy_run(finished_run, tmp_path / "run")
     with locked(run_dir):
@@ -565,7 +565,7 @@ def test_a_new_run_does_not_overwrite_a_finished_one(finished_run, tiny_data, tm
 
 HOLD_THE_LOCK = r"""
 import sys, time
-from vae.rundir import locked
+from vae.training.rundir import locked
 with locked(sys.argv[1]):
     print("locked", flush=True)
     time.sleep(600)
@@ -573,7 +573,7 @@ with locked(sys.argv[1]):
 
 
 def test_kill_9_leaves_no_stale_lock(tmp_path):
-    from vae.rundir import locked
+    from vae.training.rundir import locked
 
     proc = subprocess.Popen([sys.executable, "-c", HOLD_THE_LOCK, str(tmp_path)], cwd=REPO, env=subprocess_env(),
                             stdout=subprocess.PIPE, text=True)
@@ -685,7 +685,7 @@ def test_a_damaged_checkpoint_is_one_line_and_writes_nothing(finished_run, tiny_
 # --- messages that must not lie --------------------------------------------------------------------------------------
 
 def test_divergence_before_the_first_checkpoint_says_none_was_written(tiny_data, tmp_path):
-    from vae.errors import TrainingDiverged
+    from vae.common.errors import TrainingDiverged
 
     run_dir = tmp_path / "run"
     with pytest.raises(TrainingDiverged) as e:
@@ -700,7 +700,7 @@ def test_the_printed_resume_command_can_be_pasted(tiny_data, tmp_path, monkeypat
 
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from vae.progress import ProgressBar
+    from vae.training.progress import ProgressBar
 
     # SIGTERM to this process at the first step: train.py's own handler, its save and its message.
     monkeypatch.setattr(ProgressBar, "on_step", lambda self, trainer: os.kill(os.getpid(), signal.SIGTERM))

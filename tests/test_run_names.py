@@ -3,7 +3,7 @@ import re
 
 from hydra import compose, initialize_config_dir
 
-from vae.config import CONFIG_DIR, run_suffix
+from vae.settings.config import CONFIG_DIR, run_suffix
 
 
 def run_dir(*overrides) -> str:

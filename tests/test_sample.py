@@ -84,7 +84,7 @@ def test_a_missing_checkpoint_is_named(tmp_path):
 
 
 def test_pair_beyond_the_test_set_and_out_on_a_file_are_refused(tiny_checkpoint, tmp_path):
-    from vae.errors import UserError
+    from vae.common.errors import UserError
 
     with pytest.raises(UserError, match=r"pair=\[0, 100\]: the test set has only 100 images; choose indices from 0 "
                                         r"to 99"):

@@ -1,13 +1,13 @@
-"""vae/schema.py: keys outside a command's schema (`+key=`, `++key=`, `~key`) are refused, by every command."""
+"""vae/settings/schema.py: keys outside a command's schema (`+key=`, `++key=`, `~key`) are refused, by every command."""
 from __future__ import annotations
 
 import pytest
 from hydra import compose, initialize_config_dir
 
-from vae.checks import validate
-from vae.config import CONFIG_DIR
-from vae.errors import UserError
-from vae.schema import unknown_settings
+from vae.settings.checks import validate
+from vae.settings.config import CONFIG_DIR
+from vae.common.errors import UserError
+from vae.settings.schema import unknown_settings
 
 
 def composed(*overrides):
@@ -33,7 +33,7 @@ def test_a_key_outside_the_schema_is_refused(override, needle):
 
 @pytest.mark.parametrize("config", ["config", "evaluate", "bench", "gradients", "study"])
 def test_every_commands_own_config_has_only_known_keys(config):
-    import vae.bench_config  # noqa: F401  (each module registers its schema)
+    import vae.tools.bench_config  # noqa: F401  (each module registers its schema)
     import vae.evaluate  # noqa: F401
     import vae.gradients  # noqa: F401
     import vae.study  # noqa: F401

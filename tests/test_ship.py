@@ -438,7 +438,7 @@ def test_joblib_launcher_runs_jobs_in_parallel(tiny_data, tmp_path):
 def composed_hydra(*overrides):
     from hydra import compose, initialize_config_dir
 
-    from vae.config import CONFIG_DIR
+    from vae.settings.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         return compose("config", overrides=list(overrides), return_hydra_config=True)

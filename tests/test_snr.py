@@ -1,4 +1,4 @@
-"""train/grad_snr (vae/snr.py): logged where asked, the number it defines, and training left exactly as it was."""
+"""train/grad_snr (vae/training/snr.py): logged where asked, the number it defines, and training left exactly as it was."""
 import math
 from types import SimpleNamespace
 
@@ -7,12 +7,12 @@ import torch
 
 from conftest import compose_train, train_in_process
 from tb_events import steps_on_disk
-from vae.config import validate_ranges
-from vae.errors import UserError
+from vae.settings.config import validate_ranges
+from vae.common.errors import UserError
 from vae.estimators import make_estimator
-from vae.gumbel import sample_gumbel
-from vae.model import CategoricalVAE
-from vae.snr import TAG, encoder_snr
+from vae.core.gumbel import sample_gumbel
+from vae.core.model import CategoricalVAE
+from vae.training.snr import TAG, encoder_snr
 
 
 def final_state(run_dir):

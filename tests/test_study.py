@@ -11,7 +11,7 @@ import time
 import pytest
 
 from conftest import REPO, subprocess_env
-from vae.stats import mean_std
+from vae.tools.stats import mean_std
 from vae.study import tables
 
 

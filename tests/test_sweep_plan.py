@@ -1,4 +1,4 @@
-"""vae/sweep_plan.py: a sweep checks the jobs it will run, not the defaults, before the first one starts; it refuses
+"""vae/tools/sweep_plan.py: a sweep checks the jobs it will run, not the defaults, before the first one starts; it refuses
 only what cannot run, in one line; and every sweep gets a directory of its own."""
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from conftest import run_train, tiny_overrides
-from vae import sweep_plan
-from vae.errors import UserError
+from vae.tools import sweep_plan
+from vae.common.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -39,7 +39,7 @@ def multirun_config(sweep_dir: Path, *overrides: str, data_root: Path):
 def hydra_context():
     from hydra import initialize_config_dir
 
-    from vae.config import CONFIG_DIR
+    from vae.settings.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         yield

@@ -10,10 +10,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-import vae.trainer
+import vae.training.trainer
 from conftest import train_in_process
-from vae.engine import TrainStep
-from vae.schedule import temperature_at
+from vae.training.engine import TrainStep
+from vae.core.schedule import temperature_at
 
 # tau_t = max(0.1, exp(-0.2 t)), t rounded down to a multiple of 5: it moves at steps 5, 10 and 15 (to the floor).
 # Epochs have 6 steps (300 images, batch 50). Run 1 trains 2 epochs (steps 0-11), crossing the epoch boundary at
@@ -55,7 +55,7 @@ class SpyStep(TrainStep):
 
 def taus_consumed(data_root, tmp_path, monkeypatch, *mode):
     """Train 2 epochs, resume to 3; the tau each of the 18 steps received, per run."""
-    monkeypatch.setattr(vae.trainer, "TrainStep", SpyStep)
+    monkeypatch.setattr(vae.training.trainer, "TrainStep", SpyStep)
     monkeypatch.setattr(SpyStep, "seen", [])
     monkeypatch.setattr(SpyStep, "losses", [])
     run = tmp_path / "run"
@@ -90,7 +90,7 @@ def test_compiled_step_receives_the_scheduled_tau(tiny_data, tmp_path, monkeypat
 def straight_losses(data_root, run_dir, monkeypatch, *extra):
     """Per-step losses of steps 12-17 of an uninterrupted 3-epoch run, as the trainer's step returns them; and the
     taus that run's (not captured) step received."""
-    monkeypatch.setattr(vae.trainer, "TrainStep", SpyStep)
+    monkeypatch.setattr(vae.training.trainer, "TrainStep", SpyStep)
     monkeypatch.setattr(SpyStep, "seen", [])
     monkeypatch.setattr(SpyStep, "losses", [])
     train_in_process(data_root, run_dir, "epochs=3", *OVERRIDES, *extra)

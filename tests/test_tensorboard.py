@@ -1,7 +1,7 @@
-"""vae/tensorboard.py: the HParams tab holds every setting that can tell two runs apart, and shows the ones people
+"""vae/training/tensorboard.py: the HParams tab holds every setting that can tell two runs apart, and shows the ones people
 compare first.
 
-Also: vae/tensorboard.py: the event file is written wherever the run directory is, whatever its name and the locale."""
+Also: vae/training/tensorboard.py: the event file is written wherever the run directory is, whatever its name and the locale."""
 from __future__ import annotations
 
 import subprocess
@@ -12,7 +12,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose_train
-from vae.tensorboard import NOT_HPARAMS, SHOWN_HPARAMS, log_hparams
+from vae.training.tensorboard import NOT_HPARAMS, SHOWN_HPARAMS, log_hparams
 from conftest import REPO, subprocess_env, tiny_overrides
 
 
@@ -88,7 +88,7 @@ def test_estimator_seed_lr_and_temperature_are_shown_before_any_column_is_ticked
 def test_settings_out_of_the_hparams_tab_are_out_of_run_names_too():
     from hydra import compose, initialize_config_dir
 
-    from vae.config import CONFIG_DIR
+    from vae.settings.config import CONFIG_DIR
 
     exclude = OmegaConf.load(REPO / "configs" / "config.yaml").hydra.job.config.override_dirname.exclude_keys
     assert set(exclude) - {"hydra.run.dir", "hydra.sweep.dir"} == set(NOT_HPARAMS)

@@ -9,9 +9,9 @@ import pytest
 from omegaconf import OmegaConf
 
 from conftest import compose_train, train_in_process
-from vae.checks import validate
-from vae.errors import UserError
-from vae.tracking import RUN_ID_FILE, MlflowTracker, check_tracker, flatten, trackers, tracking_uri
+from vae.settings.checks import validate
+from vae.common.errors import UserError
+from vae.training.tracking import RUN_ID_FILE, MlflowTracker, check_tracker, flatten, trackers, tracking_uri
 
 
 def client_of(store: Path):

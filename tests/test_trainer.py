@@ -1,7 +1,7 @@
-"""vae/trainer.py through train.py on tiny data: model selection on the validation split, the optimizer group,
+"""vae/training/trainer.py through train.py on tiny data: model selection on the validation split, the optimizer group,
 the model group, and your own data end to end (train, evaluate, sample, resume).
 
-Also: vae/trainer.py: a loss that explodes, to NaN or to huge finite values, is divergence, and saves nothing."""
+Also: vae/training/trainer.py: a loss that explodes, to NaN or to huge finite values, is divergence, and saves nothing."""
 from __future__ import annotations
 
 import json
@@ -12,8 +12,8 @@ import pytest
 import torch
 
 from conftest import compose_train, run_script, train_in_process
-from vae.errors import TrainingDiverged
-from vae.trainer import Trainer, training_sizes
+from vae.common.errors import TrainingDiverged
+from vae.training.trainer import Trainer, training_sizes
 
 
 def best_epoch(run_dir):
@@ -24,9 +24,9 @@ def best_epoch(run_dir):
 def adversarial_test_set(monkeypatch):
     """Test losses that get worse every epoch and validation losses that get better, whatever the model does:
     choosing best.pt by the test loss keeps epoch 1, by the validation loss the last epoch."""
-    import vae.trainer
+    import vae.training.trainer
 
-    real = vae.trainer.metrics.evaluate_split
+    real = vae.training.trainer.metrics.evaluate_split
     calls = []
 
     def evaluate_split(model, split, **kw):
@@ -39,7 +39,7 @@ def adversarial_test_set(monkeypatch):
             result = {**result, "loss": 1000.0 - len(calls)}
         return result
 
-    monkeypatch.setattr(vae.trainer.metrics, "evaluate_split", evaluate_split)
+    monkeypatch.setattr(vae.training.trainer.metrics, "evaluate_split", evaluate_split)
     return calls
 
 
@@ -56,7 +56,7 @@ def test_without_a_validation_split_best_pt_follows_the_test_loss(tiny_data, tmp
 
 
 def test_radam_trains_resumes_bit_exactly_and_is_kept_on_resume(tiny_data, tmp_path):
-    from vae.errors import UserError
+    from vae.common.errors import UserError
 
     args = ("optimizer=radam", "estimator=reinmax", "temperature=1.3", "temp_min=1.3", "lr=5e-4")
     straight = train_in_process(tiny_data, tmp_path / "a", *args, "epochs=2")

@@ -6,8 +6,8 @@ import pytest
 from omegaconf import DictConfig
 
 from conftest import compose_train, run_train
-from vae.usage import commands, first_sentence, help_page, read_groups, read_settings
-from vae.config import CONFIG_DIR
+from vae.settings.usage import commands, first_sentence, help_page, read_groups, read_settings
+from vae.settings.config import CONFIG_DIR
 
 # The commands the page must name (more may come: the list is found, not kept).
 COMMANDS = ("vae.evaluate", "vae.gradients", "vae.sweep", "vae.bench", "vae.study", "vae.data", "vae.baseline")

@@ -13,7 +13,7 @@
 
 Images go in as uint8 grey levels [B, H, W] (as the datasets hold them) or floats in [0, 1] ([B, H, W] or flat
 [B, H*W]); images come out as float tensors [B, H, W] in [0, 1]. Every random draw takes a `seed`, so a notebook
-cell gives the same numbers when run again. Scoring is exactly `python -m vae.evaluate`'s (vae/metrics.py).
+cell gives the same numbers when run again. Scoring is exactly `python -m vae.evaluate`'s (vae/core/metrics.py).
 """
 from __future__ import annotations
 
@@ -22,9 +22,9 @@ from typing import Optional, Union
 
 import torch
 
-from vae import metrics
-from vae.checkpoint import EXPORT_FORMAT
-from vae.gumbel import one_hot_argmax, sample_gumbel
+from vae.core import metrics
+from vae.training.checkpoint import EXPORT_FORMAT
+from vae.core.gumbel import one_hot_argmax, sample_gumbel
 
 Images = Union[torch.Tensor, "numpy.ndarray"]  # noqa: F821
 
@@ -79,8 +79,8 @@ class Model:
         (the same static binarization)."""
         from omegaconf import OmegaConf
 
-        from vae.config import DataConfig
-        from vae.device_data import scoring_test_split
+        from vae.settings.config import DataConfig
+        from vae.data.device_data import scoring_test_split
 
         data_cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), self.config["data"])
         if data_root is not None:
@@ -151,7 +151,7 @@ class Model:
 
     def elbo(self, x: Images, seed: int = 0) -> torch.Tensor:
         """The discrete negative ELBO per image [B]: -log p(x|z) with one exact sample z ~ q(z|x), plus the
-        analytic KL(q(z|x) || p(z)) (vae.metrics.batch_terms' `elbo_discrete`)."""
+        analytic KL(q(z|x) || p(z)) (vae.core.metrics.batch_terms' `elbo_discrete`)."""
         terms = metrics.batch_terms(self.model, self._flat(x), tau=self.tau, hard=True,
                                     generator=self._generator(seed))
         return terms["elbo_discrete"].cpu()
@@ -166,7 +166,7 @@ class Model:
     def export(self, path: Union[str, Path]) -> Path:
         """Write the weights and settings only (no optimizer state, no random streams): a file of about a third of
         a checkpoint's size that vae.evaluate, vae.sample and `load` accept; training cannot resume from it."""
-        from vae.atomic import atomic_write
+        from vae.common.atomic import atomic_write
 
         state = {"format": EXPORT_FORMAT, "model": {k: v.cpu() for k, v in self.model.state_dict().items()},
                  "image_shape": list(self.image_shape), "config": self.config, "tau": self.tau, "epoch": self.epoch,
@@ -194,10 +194,10 @@ def path_codes(za: torch.Tensor, zb: torch.Tensor, steps: int) -> torch.Tensor:
 
 def load(path: Union[str, Path], device: Union[str, torch.device] = "cpu", key: str = "path") -> Model:
     """A model from a train.py checkpoint (last.pt, best.pt) or an export, checked as every command checks it; a
-    bad file is a one-line `vae.errors.UserError` naming `key` (the setting a command line passed it as)."""
+    bad file is a one-line `vae.common.errors.UserError` naming `key` (the setting a command line passed it as)."""
     from omegaconf import OmegaConf
 
-    from vae.checkpoint import load_checkpoint, model_from_checkpoint, saved_config
+    from vae.training.checkpoint import load_checkpoint, model_from_checkpoint, saved_config
 
     path = Path(path).expanduser()
     ckpt = load_checkpoint(path, key=key, resume=False)

@@ -22,10 +22,10 @@ import hydra
 import torch
 from omegaconf import DictConfig
 
-from vae.bench_config import validate  # also registers the schema configs/bench.yaml composes
-from vae.config import CONFIG_DIR
-from vae.errors import UserError, entry_point, memory_hint
-from vae.schedule import tau_for
+from vae.tools.bench_config import validate  # also registers the schema configs/bench.yaml composes
+from vae.settings.config import CONFIG_DIR
+from vae.common.errors import UserError, entry_point, memory_hint
+from vae.core.schedule import tau_for
 
 log = logging.getLogger("vae.baseline")
 
@@ -37,7 +37,7 @@ class BaselineRun:
         from torch.utils.data import DataLoader
         from torchvision import datasets, transforms
 
-        from vae.model import CategoricalVAE
+        from vae.core.model import CategoricalVAE
 
         self.cfg, self.device = cfg, device
         cls = {"mnist": datasets.MNIST, "fashion_mnist": datasets.FashionMNIST}[cfg.data.name]
@@ -67,8 +67,8 @@ class BaselineRun:
         return next(self.iterator)
 
     def run(self, n: int) -> int:
-        from vae.gumbel import gumbel_softmax
-        from vae.loss import negative_elbo
+        from vae.core.gumbel import gumbel_softmax
+        from vae.core.loss import negative_elbo
 
         images = 0
         for _ in range(n):
@@ -96,8 +96,8 @@ class BaselineRun:
 @entry_point
 def main(cfg: DictConfig) -> None:
     """Train the textbook port for `epochs` whole epochs (the bench settings), one line per epoch."""
-    from vae.checks import resolve_device
-    from vae.engine import configure_device
+    from vae.settings.checks import resolve_device
+    from vae.training.engine import configure_device
 
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -112,7 +112,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from vae.config_files import check_config_files
+    from vae.settings.config_files import check_config_files
 
     check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

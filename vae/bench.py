@@ -6,7 +6,7 @@
     python -m vae.bench threads=1 adam=fused profile=true
 
 Settings: configs/bench.yaml (schema `BenchConfig`, which extends the trainer's `Config`). Rows: our trainer
-(`vae.trainer.Trainer.train_steps`, the loop train.py runs, in each mode: eager, compile, cuda_graph,
+(`vae.training.trainer.Trainer.train_steps`, the loop train.py runs, in each mode: eager, compile, cuda_graph,
 compile+cuda_graph) and `baseline`, the usual port (torchvision MNIST + ToTensor + DataLoader, a `loss.item()` per
 step) feeding the same model and loss. Timed steps are split into `rounds` blocks run round-robin across the rows,
 so machine load hits every row alike; each row reports the median rate and its last block's rate over its first
@@ -29,12 +29,12 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write_text
-from vae.bench_config import MODES, validate  # the schema (registered there) and its checks
-from vae.checks import check_output_file, resolve_device
-from vae.config import CONFIG_DIR
-from vae.errors import UserError, describe, entry_point
-from vae.machine import machine_info
+from vae.common.atomic import atomic_write_text
+from vae.tools.bench_config import MODES, validate  # the schema (registered there) and its checks
+from vae.settings.checks import check_output_file, resolve_device
+from vae.settings.config import CONFIG_DIR
+from vae.common.errors import UserError, describe, entry_point
+from vae.tools.machine import machine_info
 
 log = logging.getLogger("vae.bench")
 
@@ -82,7 +82,7 @@ class TrainerRun:
     """The trainer's loop over the training split in one mode; `run(n)` continues across epochs."""
 
     def __init__(self, cfg: DictConfig, split, device: torch.device, compile: bool, cuda_graph: bool):
-        from vae.trainer import Trainer
+        from vae.training.trainer import Trainer
 
         factory = None if cfg.adam == "trainer" else adam_variant(cfg.adam)
         self.trainer = Trainer(cfg, split, device, compile=compile, cuda_graph=cuda_graph, optimizer_factory=factory)
@@ -141,7 +141,7 @@ def build_rows(cfg: DictConfig, device: torch.device) -> List[Row]:
     split = None
     if rows:
         from vae.data import load_split
-        from vae.device_data import DeviceSplit
+        from vae.data.device_data import DeviceSplit
 
         train_images, _ = load_split(cfg.data, "train")
         # The training split exactly as train.py's make_splits builds it (static: the first draw of its generator).
@@ -309,7 +309,7 @@ def format_table(result: Dict[str, Any]) -> str:
 
 
 def bench(cfg: DictConfig) -> Dict[str, Any]:
-    from vae.engine import configure_device, pick_modes
+    from vae.training.engine import configure_device, pick_modes
 
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -364,7 +364,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from vae.config_files import check_config_files
+    from vae.settings.config_files import check_config_files
 
     check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

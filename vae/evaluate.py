@@ -5,9 +5,9 @@
 
 Reports the relaxed -ELBO at the checkpoint's temperature (what training optimised), the discrete -ELBO
 (one-hot z ~ q(z|x), analytic KL), the k-sample importance-weighted bound (Burda et al. 2016; k = 1000 as
-in Jang et al. 2017) and how the latent code is used (vae/latents.py: active variables, perplexity,
+in Jang et al. 2017) and how the latent code is used (vae/pictures/latents.py: active variables, perplexity,
 confidence). Writes, beside the checkpoint (or into `out=<dir>`): <stem>.metrics.json and the pictures of
-vae/pictures.py, <stem>.prior_samples.png, <stem>.reconstructions.png, <stem>.traversal.png, <stem>.usage.png and
+vae/pictures/__init__.py, <stem>.prior_samples.png, <stem>.reconstructions.png, <stem>.traversal.png, <stem>.usage.png and
 <stem>.class_means.png. Settings: configs/evaluate.yaml (schema `EvaluateConfig` below).
 
 When the output is not a terminal (a log file, a batch job) there is no progress bar: a log line per tenth of the IW
@@ -38,15 +38,16 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from tqdm import tqdm
 
-from vae import latents, metrics
-from vae.atomic import atomic_write_text
-from vae.checkpoint import load_checkpoint
-from vae.checks import check_iw_memory, check_output_file, check_threads, resolve_device
-from vae.config import CONFIG_DIR, MAX_IMAGES, DataConfig, check, check_device_name, check_seed
-from vae.device_data import DeviceSplit
-from vae.errors import UserError, entry_point, memory_hint
-from vae.gumbel import sample_gumbel
-from vae.model import CategoricalVAE
+from vae.core import metrics
+from vae.pictures import latents
+from vae.common.atomic import atomic_write_text
+from vae.training.checkpoint import load_checkpoint
+from vae.settings.checks import check_iw_memory, check_output_file, check_threads, resolve_device
+from vae.settings.config import CONFIG_DIR, MAX_IMAGES, DataConfig, check, check_device_name, check_seed
+from vae.data.device_data import DeviceSplit
+from vae.common.errors import UserError, entry_point, memory_hint
+from vae.core.gumbel import sample_gumbel
+from vae.core.model import CategoricalVAE
 
 log = logging.getLogger("evaluate")
 
@@ -104,8 +105,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def build_model(ckpt: Dict[str, Any], path: Path) -> CategoricalVAE:
-    """The checkpoint's model with its weights (vae.checkpoint.model_from_checkpoint)."""
-    from vae.checkpoint import model_from_checkpoint
+    """The checkpoint's model with its weights (vae.training.checkpoint.model_from_checkpoint)."""
+    from vae.training.checkpoint import model_from_checkpoint
 
     return model_from_checkpoint(ckpt, path)
 
@@ -160,8 +161,8 @@ def check_test_data(data_cfg: DictConfig, ckpt: Dict[str, Any], where: str) -> N
 
 
 def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
-    """The test split as the model should be scored on it (vae.device_data.scoring_test_split)."""
-    from vae.device_data import scoring_test_split
+    """The test split as the model should be scored on it (vae.data.device_data.scoring_test_split)."""
+    from vae.data.device_data import scoring_test_split
 
     return scoring_test_split(data_cfg, device)
 
@@ -169,7 +170,7 @@ def load_test_split(data_cfg: DictConfig, device: torch.device) -> DeviceSplit:
 @torch.no_grad()
 def save_images(model: CategoricalVAE, test: DeviceSplit, cfg: DictConfig, generator: torch.Generator,
                 prefix: Path, stats: Dict[str, Any]) -> Dict[str, str]:
-    """The pictures of vae/pictures.py, as TensorBoard shows them, each as <stem>.<name>.png: prior samples,
+    """The pictures of vae/pictures/__init__.py, as TensorBoard shows them, each as <stem>.<name>.png: prior samples,
     the first test digits above their reconstructions, the traversal of the first of them, the usage map and
     the class means."""
     from vae import pictures
@@ -260,7 +261,7 @@ def format_table(result: Dict[str, Any]) -> str:
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, Any]:
-    from vae.progress import StopFlag
+    from vae.training.progress import StopFlag
 
     with StopFlag() as stop:
         return run(cfg, stop)
@@ -268,7 +269,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
 
 def run(cfg: DictConfig, stop) -> Dict[str, Any]:
     from vae.data import DataError
-    from vae.engine import configure_device
+    from vae.training.engine import configure_device
 
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -350,7 +351,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from vae.config_files import check_config_files
+    from vae.settings.config_files import check_config_files
 
     check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

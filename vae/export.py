@@ -16,8 +16,8 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from vae.config import CONFIG_DIR
-from vae.errors import UserError, entry_point
+from vae.settings.config import CONFIG_DIR
+from vae.common.errors import UserError, entry_point
 
 
 @dataclass
@@ -31,7 +31,7 @@ ConfigStore.instance().store(name="export_schema", node=ExportConfig)
 
 def export(cfg: DictConfig) -> Path:
     from vae.api import load
-    from vae.checks import check_writable
+    from vae.settings.checks import check_writable
 
     if not cfg.checkpoint:
         raise UserError("checkpoint= is required: python -m vae.export checkpoint=<run>/checkpoints/best.pt")
@@ -55,7 +55,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from vae.config_files import check_config_files
+    from vae.settings.config_files import check_config_files
 
     check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

@@ -38,18 +38,18 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write_text
-from vae.checks import check_writable, resolve_device
-from vae.config import CONFIG_DIR, MAX_CODE_UNITS, DataConfig, check_device_name
-from vae.errors import UserError, entry_point, is_out_of_memory
+from vae.common.atomic import atomic_write_text
+from vae.settings.checks import check_writable, resolve_device
+from vae.settings.config import CONFIG_DIR, MAX_CODE_UNITS, DataConfig, check_device_name
+from vae.common.errors import UserError, entry_point, is_out_of_memory
 from vae.estimators import (ESTIMATORS, check_settings, config_settings, default_samples, make_estimator,
                             takes_samples)
 from vae.estimators.exact import CHUNK, MAX_CODES
-from vae.gradient_report import draw_chart, format_table
-from vae.gradient_stats import (DECODER_UNITS, ENCODER_UNITS, copies_per_call, encoder_gram, gram_columns,
+from vae.tools.gradient_report import draw_chart, format_table
+from vae.tools.gradient_stats import (DECODER_UNITS, ENCODER_UNITS, copies_per_call, encoder_gram, gram_columns,
                                 kl_logits_gradient, logit_gradient_chunks, logits_gradients, ours, reference_summary,
                                 reinmax, summarize)
-from vae.model import CategoricalVAE
+from vae.core.model import CategoricalVAE
 
 DEFINITIONS = ("ours", "reinmax", "both")
 REFERENCES = ("auto", "exact", "rloo")
@@ -287,7 +287,7 @@ def load_model(cfg: DictConfig):
     from vae.evaluate import build_model, data_config  # the checkpoint route of vae.evaluate
 
     if cfg.checkpoint:
-        from vae.checkpoint import load_checkpoint
+        from vae.training.checkpoint import load_checkpoint
 
         path = Path(cfg.checkpoint).expanduser()
         ckpt = load_checkpoint(path, key="checkpoint", resume=False)  # scoring needs the weights and config only
@@ -309,7 +309,7 @@ def load_batch(cfg: DictConfig, data_cfg: DictConfig, device: torch.device) -> t
 
 
 def run(cfg: DictConfig) -> Dict:
-    from vae.engine import configure_device
+    from vae.training.engine import configure_device
 
     validate(cfg)
     device = resolve_device(cfg.device)
@@ -347,7 +347,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from vae.config_files import check_config_files
+    from vae.settings.config_files import check_config_files
 
     check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

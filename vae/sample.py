@@ -24,9 +24,9 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from vae.atomic import atomic_write
-from vae.config import CONFIG_DIR, check, check_seed
-from vae.errors import UserError, entry_point
+from vae.common.atomic import atomic_write
+from vae.settings.config import CONFIG_DIR, check, check_seed
+from vae.common.errors import UserError, entry_point
 
 log = logging.getLogger("sample")
 MAX_IMAGES = 1024
@@ -78,7 +78,7 @@ def save(out: Path, name: str, images: torch.Tensor, nrow: int) -> List[str]:
 
 def sample(cfg: DictConfig) -> List[str]:
     from vae.api import load
-    from vae.checks import check_writable, resolve_device
+    from vae.settings.checks import check_writable, resolve_device
 
     validate(cfg)
     m = load(cfg.checkpoint, resolve_device(cfg.device), key="checkpoint")
@@ -106,7 +106,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
-    from vae.config_files import check_config_files
+    from vae.settings.config_files import check_config_files
 
     check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

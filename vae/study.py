@@ -34,10 +34,10 @@ import hydra
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from vae.atomic import atomic_write, atomic_write_text
-from vae.config import CONFIG_DIR, REPO_DIR, validate_ranges
-from vae.errors import UserError, entry_point
-from vae.stats import mean_std, published_for
+from vae.common.atomic import atomic_write, atomic_write_text
+from vae.settings.config import CONFIG_DIR, REPO_DIR, validate_ranges
+from vae.common.errors import UserError, entry_point
+from vae.tools.stats import mean_std, published_for
 
 log = logging.getLogger("study")
 ACTIONS = ("run", "aggregate", "list")
@@ -355,7 +355,7 @@ def aggregate_rows(out_dir: Path) -> List[dict]:
 
 
 if __name__ == "__main__":
-    from vae.config_files import check_config_files
+    from vae.settings.config_files import check_config_files
 
     check_config_files(__file__)  # a YAML named with --config-*: refused in one line, not Hydra's traceback or hang
     main()

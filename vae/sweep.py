@@ -38,8 +38,8 @@ from typing import Any, Dict, List, Optional
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write_text
-from vae.stats import fmt_mean_std, mean_std
+from vae.common.atomic import atomic_write_text
+from vae.tools.stats import fmt_mean_std, mean_std
 
 log = logging.getLogger(__name__)
 
@@ -356,7 +356,7 @@ def summarize(sweep_dir, echo: bool = True) -> List[Job]:
 
 def record_failure(job_dir: Path, error: BaseException, overrides: List[str]) -> None:
     """Write a failed job's one-line error into its metrics.json (never over a finished job's results)."""
-    from vae.errors import JobFailed, describe
+    from vae.common.errors import JobFailed, describe
 
     path = Path(job_dir) / "metrics.json"
     previous = _read_metrics(path)

@@ -29,8 +29,8 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Sequence, Tupl
 import numpy as np
 import torch
 
-from vae.atomic import kind_of
-from vae.errors import UserError
+from vae.common.atomic import kind_of
+from vae.common.errors import UserError
 
 Log = Callable[[str], Any]
 

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Optional, Sequence
 
 from vae.data import FILE_NAMES, prepare
-from vae.errors import UserError, exit_with, one_line
+from vae.common.errors import UserError, exit_with, one_line
 
 logger = logging.getLogger("vae.data")
 USAGE = """usage: python -m vae.data [key=value ...]
@@ -27,7 +27,7 @@ def main(argv: Optional[Sequence[str]] = None, config_dir: Optional[Path] = None
     from omegaconf.errors import OmegaConfBaseException
     from tqdm.contrib.logging import logging_redirect_tqdm
 
-    from vae.config import CONFIG_DIR, validate_ranges
+    from vae.settings.config import CONFIG_DIR, validate_ranges
 
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     overrides = list(sys.argv[1:] if argv is None else argv)

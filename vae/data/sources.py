@@ -33,12 +33,12 @@ from typing import Any, BinaryIO, Callable, Dict, Iterator, List, Optional, Tupl
 
 import numpy as np
 
-from vae.atomic import fsync_dir, write_temp
+from vae.common.atomic import fsync_dir, write_temp
 from vae.data import (FILE_NAMES, IMAGE_SHAPE, NUM_CLASSES, BadFile, DataError, idx_header, idx_size,
                       open_regular, read_idx_header)
 from vae.data.verify import (CHUNK, DOWNLOAD_PREFIX, ChecksumMismatch, Target, check_local, check_structure,
                              file_digest, load_cache, save_cache, stamp)
-from vae.errors import describe, one_line
+from vae.common.errors import describe, one_line
 
 
 class SourceFailed(Exception):

@@ -24,7 +24,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from vae.atomic import TMP_PREFIX, atomic_write_text
+from vae.common.atomic import TMP_PREFIX, atomic_write_text
 from vae.data import (FILE_NAMES, IMAGE_FILES, IMAGE_SHAPE, NUM_CLASSES, SPLITS, BadFile, DataError, Dataset, Log,
                       dataset, idx_dims, open_regular, raw_dir)
 

@@ -33,7 +33,7 @@ from typing import Any, Dict, Mapping, Type
 
 import torch
 
-from vae.errors import UserError
+from vae.common.errors import UserError
 from vae.estimators.base import CONFIG_KEYS, Estimator, MovingAverageBaseline, check_samples, config_key
 from vae.estimators.exact import Exact
 from vae.estimators.relaxed import ST, AnnealedST, Gumbel, GumbelRao, ReinMax, STGumbel

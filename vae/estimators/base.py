@@ -28,8 +28,8 @@ from typing import Any, Dict
 import torch
 import torch.nn.functional as F
 
-from vae.errors import UserError
-from vae.gumbel import one_hot_argmax
+from vae.common.errors import UserError
+from vae.core.gumbel import one_hot_argmax
 
 # Estimator settings with a top-level config key of their own (older than estimator_args, and shared by several
 # estimators); every other setting is `estimator_args.<setting>`.
@@ -65,7 +65,7 @@ class Estimator:
 
     @classmethod
     def check_settings(cls, settings: Dict[str, Any], latent_dim: int, categorical_dim: int) -> None:
-        """Raise a one-line UserError (vae.errors) naming the key, the value and the fix for any of `settings` (all of
+        """Raise a one-line UserError (vae.common.errors) naming the key, the value and the fix for any of `settings` (all of
         the class's, defaults filled in) it refuses, or for a code space of N = latent_dim variables of
         K = categorical_dim classes it cannot handle. This one refuses nothing."""
 

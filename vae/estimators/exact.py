@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from vae.errors import UserError
+from vae.common.errors import UserError
 from vae.estimators.base import Estimator
-from vae.loss import kl_categorical
+from vae.core.loss import kl_categorical
 
 MAX_CODES = 2**16
 # Codes decoded at once. Memory is one chunk's decoder activations and a [B, CHUNK] matrix at a time: each chunk is

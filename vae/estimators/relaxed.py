@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 
 from vae.estimators.base import Estimator, check_samples, sample_codes
-from vae.gumbel import gumbel_softmax, one_hot_argmax, straight_through
-from vae.loss import negative_elbo
+from vae.core.gumbel import gumbel_softmax, one_hot_argmax, straight_through
+from vae.core.loss import negative_elbo
 
 
 class _Pathwise(Estimator):

@@ -14,9 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from vae.errors import UserError
+from vae.common.errors import UserError
 from vae.estimators.base import Estimator, MovingAverageBaseline, check_samples, log_q, sample_codes, score
-from vae.loss import bce_per_image, kl_categorical
+from vae.core.loss import bce_per_image, kl_categorical
 
 
 def reconstruction(model, z: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from vae.gumbel import gumbel_softmax
+from vae.core.gumbel import gumbel_softmax
 
 IMAGE_SHAPE = (28, 28)  # MNIST's; a checkpoint written before image shapes were recorded is of this shape
 IMAGE_PIXELS = IMAGE_SHAPE[0] * IMAGE_SHAPE[1]

@@ -1,5 +1,5 @@
 """What the categorical latents are doing: code usage on the test set and its TensorBoard tags (the pictures of the
-code are drawn by vae/pictures.py).
+code are drawn by vae/pictures/__init__.py).
 
 For N variables of K classes and q(z_n|x) the encoder's posterior:
 
@@ -21,7 +21,7 @@ from typing import Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from vae.loss import kl_categorical
+from vae.core.loss import kl_categorical
 
 # A variable counts as active when its mean KL exceeds this many nats per image. 0.01 is Burda et al.'s (2016)
 # active-unit threshold, there on the variance of a Gaussian unit's posterior mean; for a categorical variable
@@ -36,7 +36,7 @@ def code_usage(model, split, *, batch_size: int, threshold: float = ACTIVE_KL,
 
     Returns 'perplexity' [N] and 'kl_per_variable' [N] (float64 CPU tensors; KL in nats per image),
     'perplexity_mean' (float), 'active' (int: variables whose KL > threshold), 'confidence' (float), and for the
-    pictures of vae/pictures.py: 'usage' [N, K] (the aggregate posterior q̄(z_n = k), float64), 'class_counts'
+    pictures of vae/pictures/__init__.py: 'usage' [N, K] (the aggregate posterior q̄(z_n = k), float64), 'class_counts'
     [N, K] (images whose argmax code has z_n = k, int64) and 'class_means' [N, K, pixels] (their mean image, as
     the encoder saw it; 0 where no image has that class). `generator` is read only by a dynamically binarized
     split (pass the trainer's eval generator so that the global random stream is left alone).

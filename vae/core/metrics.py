@@ -19,8 +19,8 @@ from typing import Callable, Dict, Optional
 import torch
 import torch.nn.functional as F
 
-from vae.gumbel import gumbel_softmax, sample_categorical
-from vae.loss import bce_per_image, negative_elbo
+from vae.core.gumbel import gumbel_softmax, sample_categorical
+from vae.core.loss import bce_per_image, negative_elbo
 
 # The order of the per-image terms in the on-device accumulator of `evaluate_split`.
 SPLIT_METRICS = ("loss", "bce", "kl", "elbo_discrete")

@@ -2,7 +2,7 @@
 
 Hydra checks an override against the schema (`lattent_dim=20` fails), but lets `+key=` and `++key=` add keys and
 `~key` delete them: a typo would then be ignored, and a deleted setting read anyway. Every command refuses both
-(vae.errors.entry_point, vae.config.validate_ranges). This module imports nothing of ours, so both can use it.
+(vae.common.errors.entry_point, vae.settings.config.validate_ranges). This module imports nothing of ours, so both can use it.
 """
 from __future__ import annotations
 

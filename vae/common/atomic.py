@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Optional
 
-from vae.errors import UserError, describe
+from vae.common.errors import UserError, describe
 
 TMP_PREFIX = ".tmp-"
 # What torch's zip writer says when the file under it failed (the OSError, if any, is in the context).

@@ -2,7 +2,7 @@
 
     plan = make_plan(cfg, output_dir, overrides)   # raises a one-line UserError for anything wrong
 
-Is each setting allowed (vae/config.py's checks, on the run's final config: for `resume=`, the checkpoint's settings
+Is each setting allowed (vae/settings/config.py's checks, on the run's final config: for `resume=`, the checkpoint's settings
 plus this command line's), which device and how many threads (configured here, once, before the first parallel
 op), the checkpoint to resume (read and checked here, once: structure, weights against the model its config
 describes, the optimizer's state against those weights), where the run writes (a resume of a run's last.pt
@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Tuple
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from vae.errors import exit_on_failure
+from vae.common.errors import exit_on_failure
 
 log = logging.getLogger("train")
 
@@ -38,9 +38,9 @@ class RunPlan:
     overrides: Tuple[str, ...]      # the command line's overrides (metrics.json records them)
 
     def modes(self, steps: int) -> Tuple[bool, bool]:
-        """(compile, cuda_graph) for a run of `steps` steps: the device's policy (vae.engine.pick_modes) applied to
+        """(compile, cuda_graph) for a run of `steps` steps: the device's policy (vae.training.engine.pick_modes) applied to
         the settings; the number of steps is known once the data is loaded."""
-        from vae.engine import pick_modes
+        from vae.training.engine import pick_modes
 
         c = self.cfg
         return pick_modes(self.device, c.compile, c.cuda_graph, steps, c.compile_min_steps)
@@ -50,11 +50,11 @@ def make_plan(cfg: DictConfig, output_dir, overrides: Sequence[str] = ()) -> Run
     """Decide the run. `cfg` is the composed config (without Hydra's node), `output_dir` the run directory Hydra
     made or is about to make, `overrides` the command line's (with `resume=`, they decide which settings may differ
     from the checkpoint's)."""
-    from vae import checks
-    from vae.checkpoint import load_checkpoint, resume_config
-    from vae.config import check_device_name, validate_ranges
-    from vae.engine import configure_device
-    from vae.rundir import run_dir_of
+    from vae.settings import checks
+    from vae.training.checkpoint import load_checkpoint, resume_config
+    from vae.settings.config import check_device_name, validate_ranges
+    from vae.training.engine import configure_device
+    from vae.training.rundir import run_dir_of
 
     overrides = tuple(str(o) for o in overrides)
     resumed, in_place, run_dir = None, False, Path(output_dir)
@@ -113,10 +113,10 @@ class ValidateOnStart(Callback):
     """
 
     def on_run_start(self, config: DictConfig, **kwargs: Any) -> None:
-        """Make the run's plan (vae/plan.py) and hand it to train.py. A resume that continues a run in its own
+        """Make the run's plan (vae/training/plan.py) and hand it to train.py. A resume that continues a run in its own
         directory moves Hydra's run directory there too, so the log goes on in the run's own train.log and this
         command's .hydra/ files go to .hydra/resumes/<time>/ beside the run's original ones."""
-        from vae.checks import check_hydra_settings
+        from vae.settings.checks import check_hydra_settings
 
         with exit_on_failure("the settings could not be checked"):
             task_cfg = copy.deepcopy(config)  # as Hydra hands it to the task: typed, so that unknown keys show
@@ -134,4 +134,4 @@ class ValidateOnStart(Callback):
                                                  f"{time.strftime('%Y-%m-%d_%H-%M-%S')}"
         hand_over(plan)
 
-    # No on_multirun_start: a sweep's config lacks the swept values; vae.sweep_plan.CheckSweep checks every job.
+    # No on_multirun_start: a sweep's config lacks the swept values; vae.tools.sweep_plan.CheckSweep checks every job.

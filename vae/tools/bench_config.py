@@ -9,7 +9,7 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
-from vae.config import Config, check, validate_ranges
+from vae.settings.config import Config, check, validate_ranges
 
 # mode -> (compile, cuda_graph), as TrainStep takes them.
 MODES = {"eager": (False, False), "compile": (True, False), "cuda_graph": (False, True),

@@ -5,7 +5,7 @@ import math
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-from vae.atomic import atomic_write
+from vae.common.atomic import atomic_write
 
 
 def views(result: Dict, samples: int) -> List[Tuple[str, List[Tuple[str, int, int]]]]:

@@ -16,7 +16,7 @@ and pass invalid ones. So `check_sweep` (run by the `CheckSweep` callback, confi
 
 It also claims the sweep directory: `${new_dir:...}` gives each sweep its own (two sweeps started in the same
 second would otherwise share `outputs/multirun/<date>/<time>`), and a lock on `<sweep dir>/.lock` keeps a second
-sweep out of one that is running, as single runs' locks do (vae/rundir.py).
+sweep out of one that is running, as single runs' locks do (vae/training/rundir.py).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from typing import Dict, List, Optional, Tuple
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from vae.errors import UserError, describe, exit_on_failure
+from vae.common.errors import UserError, describe, exit_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +85,7 @@ _held_locks: Dict[Path, int] = {}  # the kernel drops these locks when this proc
 def claim_sweep_dir(sweep_dir: Path) -> List[Path]:
     """Create `sweep_dir` (a name from new_dir must not exist yet) and lock it for this process; refuse one that
     another sweep is using or has used. Returns the directories created, for `release` to remove after a refusal."""
-    from vae.checks import check_writable
+    from vae.settings.checks import check_writable
 
     sweep_dir = Path(sweep_dir)
     check_writable(sweep_dir, "hydra.sweep.dir")
@@ -211,7 +211,7 @@ def compose_job(config: DictConfig, job: List[str], loader) -> DictConfig:
 def check_job(task_cfg: DictConfig, job: List[str], checked_resumes: set) -> Optional[str]:
     """A job's one-line error, or None if it can run: the checks of a single run (a `resume=` checkpoint is read once
     per sweep)."""
-    from vae.checks import validate
+    from vae.settings.checks import validate
 
     try:
         validate(task_cfg, None, list(job), check_resume=task_cfg.resume not in checked_resumes)
@@ -223,9 +223,9 @@ def check_job(task_cfg: DictConfig, job: List[str], checked_resumes: set) -> Opt
 
 def configure_process(task_cfg: DictConfig) -> None:
     """The math settings of the job that runs first, before any check may start PyTorch's thread pool (worker threads
-    copy the subnormal flush flag only from the thread that starts them; vae.engine.configure_device)."""
-    from vae.checks import resolve_device
-    from vae.engine import configure_device
+    copy the subnormal flush flag only from the thread that starts them; vae.training.engine.configure_device)."""
+    from vae.settings.checks import resolve_device
+    from vae.training.engine import configure_device
 
     try:
         device = resolve_device(task_cfg.device)

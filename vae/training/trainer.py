@@ -16,14 +16,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae import metrics
-from vae.checkpoint import FORMAT
-from vae.config import estimator_name
-from vae.engine import (TrainStep, load_optimizer_state_, make_generators, make_optimizer, set_lr_)
-from vae.errors import TrainingDiverged, UserError, describe
+from vae.core import metrics
+from vae.training.checkpoint import FORMAT
+from vae.settings.config import estimator_name
+from vae.training.engine import (TrainStep, load_optimizer_state_, make_generators, make_optimizer, set_lr_)
+from vae.common.errors import TrainingDiverged, UserError, describe
 from vae.estimators import config_settings, estimator_class, make_estimator, takes_samples
-from vae.model import build_model
-from vae.schedule import tau_for
+from vae.core.model import build_model
+from vae.core.schedule import tau_for
 
 log = logging.getLogger(__name__)
 
@@ -160,9 +160,9 @@ class Trainer:
 
     def resume(self, ckpt: dict, path, checked: bool = False) -> None:
         """Continue the run saved in `ckpt` (read from `path`), after checking that it fits this model (unless the
-        run's plan has checked it already: vae/plan.py)."""
+        run's plan has checked it already: vae/training/plan.py)."""
         if not checked:
-            from vae.checkpoint import check_model_state, check_optimizer_state
+            from vae.training.checkpoint import check_model_state, check_optimizer_state
 
             check_model_state(ckpt, self.initial_weights, path)
             check_optimizer_state(ckpt, self.model, path)

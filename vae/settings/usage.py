@@ -8,7 +8,7 @@
 - the examples: train.py's own docstring.
 
 Hydra prints it through `hydra.help.template` (configs/hydra/help/train.yaml, resolver `train_help` in
-vae/config.py); `--hydra-help` stays Hydra's. Nothing here imports torch or the modules it describes.
+vae/settings/config.py); `--hydra-help` stays Hydra's. Nothing here imports torch or the modules it describes.
 """
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional, Tuple
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 # A key line of the YAML: `  key: value   # comment` (the value holds no `#` in our configs).
 KEY = re.compile(r"^(?P<indent> *)(?P<key>[A-Za-z_]\w*):(?P<value>[^#]*?)\s*(?:#\s?(?P<comment>.*))?$")
 COMMENT = re.compile(r"^(?P<indent> *)#\s?(?P<text>.*)$")

@@ -82,7 +82,7 @@ def make_splits(train_images, test_images, device, binarize: str, binarize_seed:
 
 def validation_count(val_size: float, n_train: int) -> int:
     """data.val_size as a number of images: a fraction below 1, else a count (0 = no validation split)."""
-    from vae.errors import UserError
+    from vae.common.errors import UserError
 
     n_val = int(round(val_size * n_train)) if val_size < 1 else int(val_size)
     if val_size > 0 and not 1 <= n_val < n_train:

@@ -15,7 +15,7 @@ from typing import Iterator, List, Optional
 
 import yaml
 
-from vae.errors import UserError, exit_with
+from vae.common.errors import UserError, exit_with
 
 MAX_VALUES = 100_000  # values a config file may expand to (ours hold a few hundred)
 PYTHON_TAG = "tag:yaml.org,2002:python/"

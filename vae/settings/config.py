@@ -1,8 +1,8 @@
-"""The typed config schema and its range checks: the values alone, no files, no devices (those are vae/checks.py).
+"""The typed config schema and its range checks: the values alone, no files, no devices (those are vae/settings/checks.py).
 
 Hydra composes `configs/config.yaml` on top of the `Config` dataclass below, so an unknown key or a wrong
 type (`temperature=abc`) fails at composition time; `validate_ranges` gives every out-of-range value one line.
-Hydra lets `+key=` add, and `~key` delete, keys even so: vae/schema.py finds both, for every command.
+Hydra lets `+key=` add, and `~key` delete, keys even so: vae/settings/schema.py finds both, for every command.
 """
 from __future__ import annotations
 
@@ -16,10 +16,10 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from vae.errors import UserError
-from vae.schema import undeclared_settings
+from vae.common.errors import UserError
+from vae.settings.schema import undeclared_settings
 
-REPO_DIR = Path(__file__).resolve().parent.parent
+REPO_DIR = Path(__file__).resolve().parents[2]
 CONFIG_DIR = REPO_DIR / "configs"
 
 # `${repo_dir:}` lets the YAML say "<repo>/data" without a hard-coded absolute path.
@@ -58,7 +58,7 @@ OmegaConf.register_new_resolver("run_suffix", run_suffix, replace=True)
 def _train_help(*, _root_) -> str:
     """`${train_help:}`: the page of `python train.py --help` (configs/hydra/help/train.yaml), for the config it
     was asked with. Hydra fills `$NAME`s into it: a `$` of ours is doubled."""
-    from vae.usage import help_page
+    from vae.settings.usage import help_page
 
     return help_page(_root_).replace("$", "$$")
 
@@ -100,7 +100,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    # mlp (the default: Jang et al.'s network) | conv (vae/model.py; configs/model/).
+    # mlp (the default: Jang et al.'s network) | conv (vae/core/model.py; configs/model/).
     name: str = "mlp"
     hidden: List[int] = field(default_factory=lambda: [512, 256])
 
@@ -117,7 +117,7 @@ class OptimizerConfig:
 
 @dataclass
 class TrackerConfig:
-    # none (TensorBoard alone) | mlflow (vae/tracking.py; docs/tracking.md).
+    # none (TensorBoard alone) | mlflow (vae/training/tracking.py; docs/tracking.md).
     name: str = "none"
     # A folder (MLflow's file store) or an MLflow tracking URI; shared by every run, so that one UI shows them all.
     tracking_uri: str = "${repo_dir:}/outputs/mlruns"
@@ -174,7 +174,7 @@ class Config:
     # CPU threads for PyTorch (null = its default, one per core).
     threads: Optional[int] = None
     log_interval: int = 100
-    # train/grad_snr (vae/snr.py) every this many steps, from snr_samples gradient estimates (0 = off).
+    # train/grad_snr (vae/training/snr.py) every this many steps, from snr_samples gradient estimates (0 = off).
     snr_interval: int = 0
     snr_samples: int = 16
     recon_images: int = 8
@@ -221,7 +221,7 @@ def check_seed(seed: Any, key: str = "seed") -> None:
 
 
 def check_optimizer(opt: DictConfig) -> None:
-    from vae.optim import OPTIMIZERS
+    from vae.core.optim import OPTIMIZERS
 
     check(opt.name in OPTIMIZERS, "optimizer.name", opt.name,
           f"one of {', '.join(OPTIMIZERS)} (choose with optimizer={'|'.join(OPTIMIZERS)})")
@@ -253,7 +253,7 @@ def check_data(data: DictConfig) -> None:
 
 
 def check_model(model: DictConfig) -> None:
-    from vae.model import MODELS
+    from vae.core.model import MODELS
 
     check(model.name in MODELS, "model.name", model.name, f"one of {', '.join(MODELS)} (choose with "
           f"model={'|'.join(MODELS)})")

@@ -24,10 +24,10 @@ from typing import List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write_text
-from vae.config import estimator_name
-from vae.errors import UserError, describe
-from vae.usage import show
+from vae.common.atomic import atomic_write_text
+from vae.settings.config import estimator_name
+from vae.common.errors import UserError, describe
+from vae.settings.usage import show
 
 log = logging.getLogger("train")
 TRACKERS = ("none", "mlflow")

@@ -18,9 +18,9 @@ from typing import Optional
 
 import torch
 
-from vae.gumbel import sample_gumbel
-# The optimizers live in vae/optim.py; these names stay importable from here for older callers.
-from vae.optim import (compiles_optimizer, load_optimizer_state_, make_optimizer,  # noqa: F401
+from vae.core.gumbel import sample_gumbel
+# The optimizers live in vae/core/optim.py; these names stay importable from here for older callers.
+from vae.core.optim import (compiles_optimizer, load_optimizer_state_, make_optimizer,  # noqa: F401
                        reset_optimizer_state_, set_lr_)
 
 log = logging.getLogger(__name__)
@@ -72,7 +72,7 @@ def configure_device(device: torch.device, tf32: bool, threads=None, flush_denor
 
 
 # The random streams of a run, in the order their seeds are drawn (a new stream goes at the end, or every later
-# stream's seed changes); a checkpoint holds each one's state under its name (vae/checkpoint.py).
+# stream's seed changes); a checkpoint holds each one's state under its name (vae/training/checkpoint.py).
 RNG_STREAMS = ("shuffle", "noise", "binarize", "eval")
 
 

@@ -1,4 +1,4 @@
-"""TensorBoard for a training run: scalars, the pictures of vae/pictures.py and the HParams entry (docs/dashboard.md
+"""TensorBoard for a training run: scalars, the pictures of vae/pictures/__init__.py and the HParams entry (docs/dashboard.md
 lists every tag).
 
 TensorBoard and torchvision take seconds to import, so both are imported when a run first writes, not before.
@@ -15,8 +15,8 @@ from typing import Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import WriteFailed, is_write_failure, write_failed
-from vae.errors import UserError
+from vae.common.atomic import WriteFailed, is_write_failure, write_failed
+from vae.common.errors import UserError
 
 # Settings that cannot change what a run learns or measures: where the files are, how fast it runs (device, compile,
 # threads, the numerics' plumbing), how often it logs, its pictures. Every other setting of the config is a column of
@@ -62,7 +62,7 @@ def hparam_values(cfg: DictConfig) -> dict:
     (null means the estimator's default), so that equal runs show equal values. Lists become text; a setting left
     null is "null" (TensorBoard drops empty values, and with them the column).
     """
-    from vae.config import estimator_name
+    from vae.settings.config import estimator_name
     from vae.estimators import default_samples
 
     values = {}
@@ -114,7 +114,7 @@ class TensorBoardLog:
                  test_split=None, cfg: Optional[DictConfig] = None):
         from torch.utils.tensorboard import SummaryWriter
 
-        from vae.latents import custom_scalars_layout
+        from vae.pictures.latents import custom_scalars_layout
 
         self.run_dir = Path(run_dir)
         self._dir_fd = None
@@ -189,7 +189,7 @@ class TensorBoardLog:
     def write_latents(self, model, step: int) -> None:
         """How the code is used (docs/dashboard.md): one more encoder pass over the test set, and the pictures of
         the code (a traversal of the first of the fixed test digits, the usage map, the class means)."""
-        from vae.latents import code_usage, log_latents
+        from vae.pictures.latents import code_usage, log_latents
         from vae.pictures import latent_pictures
 
         cfg = self.cfg

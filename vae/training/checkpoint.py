@@ -14,10 +14,10 @@ from typing import Any, Dict, Iterable, Optional
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from vae.atomic import atomic_write, not_a_regular_file, remove_stray_temporaries, write_failed
-from vae.config import ARCHITECTURE_KEYS, DATA_KEYS, Config
-from vae.engine import RNG_STREAMS
-from vae.errors import UserError, describe
+from vae.common.atomic import atomic_write, not_a_regular_file, remove_stray_temporaries, write_failed
+from vae.settings.config import ARCHITECTURE_KEYS, DATA_KEYS, Config
+from vae.training.engine import RNG_STREAMS
+from vae.common.errors import UserError, describe
 
 FORMAT_NAME = "gumbel-vae"
 FORMAT = f"{FORMAT_NAME}/1"
@@ -238,7 +238,7 @@ def resume_config(cfg: DictConfig, ckpt: Dict[str, Any], overrides: Optional[Ite
 
 def image_shape_of(ckpt: Dict[str, Any]) -> tuple:
     """The image shape a checkpoint's model was built for: recorded since own datasets exist, MNIST's before."""
-    from vae.model import IMAGE_SHAPE
+    from vae.core.model import IMAGE_SHAPE
 
     shape = ckpt.get("image_shape", IMAGE_SHAPE)
     if not (isinstance(shape, (list, tuple)) and len(shape) == 2 and all(isinstance(v, int) and v >= 1 for v in shape)):
@@ -250,7 +250,7 @@ def image_shape_of(ckpt: Dict[str, Any]) -> tuple:
 def model_from_checkpoint(ckpt: Dict[str, Any], path, key: str = "checkpoint"):
     """The model a checkpoint describes (its config's model group, code size and prior, its image shape), with its
     weights loaded after checking that they fit. The one way every command rebuilds a trained model."""
-    from vae.model import build_model
+    from vae.core.model import build_model
 
     try:
         model = build_model(OmegaConf.to_container(saved_config(ckpt)), image_shape_of(ckpt))

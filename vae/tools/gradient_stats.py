@@ -18,8 +18,8 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-from vae.gumbel import sample_gumbel
-from vae.loss import kl_categorical
+from vae.core.gumbel import sample_gumbel
+from vae.core.loss import kl_categorical
 
 # Copies of the batch pushed through one estimator call (their images together), and the noise draws per call
 # (copies x images x an estimator's samples per image): 32768 keeps rloo's and gumbel_rao's defaults at the full
@@ -30,7 +30,7 @@ DRAWS_PER_CALL = 32768
 # and the encoder's activations of the batch, so fewer are formed together for large batches.
 COLUMNS_AT_ONCE = 32
 COLUMN_BLOCK_BYTES = 2**30
-ENCODER_UNITS = 512 + 256  # the encoder's hidden units (vae/model.py): activations per image, besides the logits
+ENCODER_UNITS = 512 + 256  # the encoder's hidden units (vae/core/model.py): activations per image, besides the logits
 DECODER_UNITS = 256 + 512 + 784
 _TINY = torch.finfo(torch.float64).tiny
 

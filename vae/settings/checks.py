@@ -1,7 +1,7 @@
 """Start-up checks that look beyond the values: the file system, the devices, a checkpoint to resume.
 
-vae/plan.py calls them, once per run, from the Hydra start-up callback (before Hydra creates the run directory, so a
-bad setting leaves nothing behind); the values' own ranges are vae/config.py's `validate_ranges`. `validate` runs
+vae/training/plan.py calls them, once per run, from the Hydra start-up callback (before Hydra creates the run directory, so a
+bad setting leaves nothing behind); the values' own ranges are vae/settings/config.py's `validate_ranges`. `validate` runs
 the same checks without configuring anything, for tools and tests that only ask.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import List, Optional
 
 from omegaconf import DictConfig
 
-from vae.config import validate_ranges
-from vae.errors import UserError, describe
+from vae.settings.config import validate_ranges
+from vae.common.errors import UserError, describe
 
 THREADS_PER_CPU = 4  # threads beyond this many per CPU only slow a run down (and 10^5 of them crash PyTorch)
 IMAGE_FLOATS = 784
@@ -61,7 +61,7 @@ def check_output_file(path: Path, key: str, fix: str = "") -> None:
     `fix`: what to do instead (default: choose another `key`)."""
     import tempfile
 
-    from vae.atomic import TMP_PREFIX, not_a_regular_file
+    from vae.common.atomic import TMP_PREFIX, not_a_regular_file
 
     path = Path(path)
     try:
@@ -86,7 +86,7 @@ def resolve_device(name: str):
     silently training on the CPU would turn minutes into hours."""
     import torch
 
-    from vae.config import check_device_name
+    from vae.settings.config import check_device_name
 
     check_device_name(name)
     if name == "auto":
@@ -126,7 +126,7 @@ def memory_bytes(device) -> Optional[int]:
 
 
 def iw_batch_bytes(chunk: int, batch_size: int, code: int) -> int:
-    """About the memory of one chunk of the IW bound (vae.metrics.log_weights): per sample and image, the one-hot code,
+    """About the memory of one chunk of the IW bound (vae.core.metrics.log_weights): per sample and image, the one-hot code,
     its gathers, the decoder's activations and the per-pixel BCE, in float32. An underestimate, so that a check on
     it refuses only settings that cannot fit."""
     return 4 * chunk * batch_size * (2 * code + 256 + 512 + 3 * IMAGE_FLOATS)
@@ -154,7 +154,7 @@ def check_environment(cfg: DictConfig, device) -> None:
     if root.exists() and not root.is_dir():
         check_writable(root, "data.root")  # a file where the data should be: one line that says so
     from vae.data import check_source  # a read-only data.root is fine when it holds every file: the data layer decides
-    from vae.tracking import check_tracker  # tracker=mlflow: installed?
+    from vae.training.tracking import check_tracker  # tracker=mlflow: installed?
 
     check_source(cfg.data)
     check_tracker(cfg.tracker)
@@ -163,8 +163,8 @@ def check_environment(cfg: DictConfig, device) -> None:
 def check_resumable(cfg: DictConfig, ckpt: dict) -> None:
     """The checkpoint's weights fit the model its (resumed) config describes, and its optimizer state those
     weights."""
-    from vae.checkpoint import check_model_state, check_optimizer_state, image_shape_of
-    from vae.model import build_model
+    from vae.training.checkpoint import check_model_state, check_optimizer_state, image_shape_of
+    from vae.core.model import build_model
 
     model = build_model(cfg, image_shape_of(ckpt))
     check_model_state(ckpt, model.state_dict(), cfg.resume)
@@ -175,7 +175,7 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
              check_resume: bool = True) -> None:
     """Everything `make_plan` checks, without configuring the device (for tests and tools that only ask)."""
     if check_resume and cfg.resume is not None:
-        from vae.checkpoint import load_checkpoint, resume_config
+        from vae.training.checkpoint import load_checkpoint, resume_config
 
         ckpt = load_checkpoint(cfg.resume, key="resume")
         cfg = resume_config(cfg, ckpt, overrides)
@@ -191,7 +191,7 @@ def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optio
 
 def check_new_run_dir(run_dir: Path) -> None:
     """A new run (or a resume that cannot continue in its own directory) must not write over another run."""
-    from vae.rundir import holds_run, override
+    from vae.training.rundir import holds_run, override
 
     found = holds_run(run_dir)
     if found:

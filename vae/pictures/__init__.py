@@ -1,4 +1,4 @@
-"""Every picture of a model, drawn once for TensorBoard (vae/tensorboard.py) and `python -m vae.evaluate` alike.
+"""Every picture of a model, drawn once for TensorBoard (vae/training/tensorboard.py) and `python -m vae.evaluate` alike.
 
 Each function returns one [3, H, W] float image in [0, 1]: image tiles of H x W pixels on a grid with 2 px of
 white padding, one tile per picture. TensorBoard shows it as it is; vae.evaluate saves it as a PNG (`save_png`).
@@ -28,7 +28,7 @@ from typing import Optional, Tuple
 import torch
 import torch.nn.functional as F
 
-from vae.gumbel import one_hot_argmax
+from vae.core.gumbel import one_hot_argmax
 
 DEFAULT_IMAGE_SHAPE = (28, 28)  # MNIST's, for models and callers that do not say
 PADDING = 2                     # white pixels between tiles and around the grid
@@ -131,7 +131,7 @@ def class_means_grid(class_means: torch.Tensor, class_counts: torch.Tensor, kl_p
 def latent_pictures(model, x: torch.Tensor, stats: dict, *, max_rows: int = 10,
                     image_shape: Optional[ImageShape] = None) -> dict:
     """The pictures of the code, by name: 'traversal' (of the image x [H * W]), 'usage' and 'class_means' (from
-    vae.latents.code_usage's `stats`). TensorBoard writes them as latents/<name>, vae.evaluate as <stem>.<name>.png."""
+    vae.pictures.latents.code_usage's `stats`). TensorBoard writes them as latents/<name>, vae.evaluate as <stem>.<name>.png."""
     shape = image_shape_of(model, image_shape)
     kl = stats["kl_per_variable"]
     return {"traversal": traversal_grid(model, x, kl, max_rows=max_rows, image_shape=shape),
@@ -144,6 +144,6 @@ def save_png(picture: torch.Tensor, path: Path) -> None:
     """Write a picture [3, H, W] as a PNG, atomically (a reader never sees half a file)."""
     from torchvision.utils import save_image
 
-    from vae.atomic import atomic_write
+    from vae.common.atomic import atomic_write
 
     atomic_write(Path(path), lambda f: save_image(picture, f, format="png"), "image")

@@ -18,8 +18,8 @@ import shlex
 from pathlib import Path
 from typing import Iterator, List, Optional, Tuple
 
-from vae.atomic import atomic_write_text
-from vae.errors import UserError
+from vae.common.atomic import atomic_write_text
+from vae.common.errors import UserError
 
 LOCK_NAME = ".lock"
 

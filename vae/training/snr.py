@@ -20,9 +20,9 @@ import hashlib
 
 import torch
 
-from vae.config import estimator_name
+from vae.settings.config import estimator_name
 from vae.estimators import config_settings, make_estimator
-from vae.gumbel import sample_gumbel
+from vae.core.gumbel import sample_gumbel
 
 TAG = "train/grad_snr"
 

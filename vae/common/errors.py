@@ -12,8 +12,8 @@ from typing import Optional
 
 from hydra.errors import CompactHydraException
 
-from vae.console import readers_may_leave
-from vae.schema import undeclared_settings
+from vae.common.console import readers_may_leave
+from vae.settings.schema import undeclared_settings
 
 
 class UserError(Exception):
