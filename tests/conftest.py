@@ -52,6 +52,7 @@ def compose_train(*overrides: str, run_dir=None):
     from hydra import compose, initialize_config_dir
     from omegaconf import open_dict
 
+    import vae.tools.sweep_plan  # noqa: F401  the ${new_dir:} resolver, registered as Hydra's callbacks do in train.py
     from vae.settings.config import CONFIG_DIR
 
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):

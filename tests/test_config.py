@@ -6,7 +6,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from conftest import run_train, tiny_overrides
-from vae.settings.checks import validate
+from vae.training.plan import check_run
 from vae.settings.config import CONFIG_DIR
 from vae.common.errors import UserError
 
@@ -22,12 +22,12 @@ def test_defaults_match_the_reference_setup():
                     anneal_interval=100, hard=False, batch_size=100, epochs=10, lr=1e-3, device="auto", prior="uniform")
     assert {k: cfg[k] for k in expected} == expected
     assert cfg.data.name == "mnist" and cfg.data.root.endswith("/data") and cfg.data.binarize == "none"
-    validate(cfg)
+    check_run(cfg)
 
 
 @pytest.mark.parametrize("overrides", [["data=fashion_mnist"], ["experiment=paper"], ["experiment=paper", "hard=true"]])
 def test_every_config_composes(overrides):
-    validate(composed(*overrides))
+    check_run(composed(*overrides))
 
 
 BAD = [
@@ -44,7 +44,7 @@ BAD = [
 @pytest.mark.parametrize("override,key", BAD)
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, key):
     with pytest.raises(UserError) as e:
-        validate(composed(override))
+        check_run(composed(override))
     message = str(e.value)
     assert message.startswith(f"{key}=") and "\n" not in message
     assert "allowed" in message or "must" in message or "one of" in message
@@ -53,7 +53,7 @@ def test_bad_values_name_the_key_the_value_and_what_is_allowed(override, key):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
 def test_cuda_without_a_gpu():
     with pytest.raises(UserError, match="device='cuda'.*no CUDA GPU.*device=cpu"):
-        validate(composed("device=cuda"))
+        check_run(composed("device=cuda"))
 
 
 def assert_clean_failure(proc, run_dir, *needles):

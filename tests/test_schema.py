@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 from hydra import compose, initialize_config_dir
 
-from vae.settings.checks import validate
+from vae.training.plan import check_run
 from vae.settings.config import CONFIG_DIR
 from vae.common.errors import UserError
 from vae.settings.schema import unknown_settings
@@ -27,7 +27,7 @@ def composed(*overrides):
 ])
 def test_a_key_outside_the_schema_is_refused(override, needle):
     with pytest.raises(UserError) as e:
-        validate(composed(override))
+        check_run(composed(override))
     assert str(e.value).startswith(needle)
 
 

@@ -6,12 +6,11 @@ import contextlib
 from pathlib import Path
 
 import pytest
-from omegaconf import OmegaConf
 
 from conftest import compose_train, train_in_process
-from vae.settings.checks import validate
+from vae.training.plan import check_run
 from vae.common.errors import UserError
-from vae.training.tracking import RUN_ID_FILE, MlflowTracker, check_tracker, flatten, trackers, tracking_uri
+from vae.training.tracking import RUN_ID_FILE, MlflowTracker, flatten, trackers, tracking_uri
 
 
 def client_of(store: Path):
@@ -107,16 +106,17 @@ def test_without_mlflow_one_line_says_what_to_install(monkeypatch):
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name, *a))
     with pytest.raises(UserError) as e:
-        validate(compose_train("tracker=mlflow"))
+        check_run(compose_train("tracker=mlflow"))
     message = str(e.value)
     assert message.startswith("tracker=mlflow needs MLflow") and "pip install -e '.[mlflow]'" in message
     assert "\n" not in message
-    validate(compose_train())  # tracker=none needs nothing
+    check_run(compose_train())  # tracker=none needs nothing
 
 
 def test_an_unknown_tracker_is_refused():
-    with pytest.raises(UserError, match=r"^tracker='wandb' is not allowed: one of none, mlflow"):
-        check_tracker(OmegaConf.create({"name": "wandb"}))
+    with pytest.raises(UserError, match=r"^tracker.name='wandb' is not allowed: one of none, mlflow \(choose with "
+                                        r"tracker=none\|mlflow\)"):
+        check_run(compose_train("tracker.name=wandb"))
 
 
 def test_a_store_mlflow_cannot_open_is_one_line(tmp_path):

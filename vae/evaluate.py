@@ -43,7 +43,8 @@ from vae.pictures import latents
 from vae.common.atomic import atomic_write_text
 from vae.training.checkpoint import load_checkpoint
 from vae.settings.checks import check_iw_memory, check_output_file, check_threads, resolve_device
-from vae.settings.config import CONFIG_DIR, MAX_IMAGES, DataConfig, check, check_device_name, check_seed
+from vae.settings.config import CONFIG_DIR, DataConfig
+from vae.settings.rules import DEVICE, IMAGES, SEED, THREADS, check_schema, integer, number, setting
 from vae.data.device_data import DeviceSplit
 from vae.common.errors import UserError, entry_point, memory_hint
 from vae.core.gumbel import sample_gumbel
@@ -55,19 +56,20 @@ log = logging.getLogger("evaluate")
 @dataclass
 class EvaluateConfig:
     checkpoint: Optional[str] = None
-    iw_samples: int = 1000
-    iw_chunk: int = 100
-    batch_size: int = 1000
-    seed: int = 0
-    device: str = "auto"
-    recon_images: int = 8
-    prior_samples: int = 64
-    prior_nrow: int = 8
-    traversal_rows: int = 10
-    active_kl: float = latents.ACTIVE_KL
+    iw_samples: int = setting(1000, integer(1, note="k of the importance-weighted bound"))
+    iw_chunk: int = setting(100, integer(1, note="importance samples evaluated at once"))
+    batch_size: int = setting(1000, integer(1, note="test images per batch"))
+    seed: int = setting(0, SEED)
+    device: str = setting("auto", DEVICE)
+    recon_images: int = setting(8, IMAGES)
+    prior_samples: int = setting(64, IMAGES)
+    prior_nrow: int = setting(8, integer(1, note="images per row of the prior-sample grid"))
+    traversal_rows: int = setting(10, integer(1, note="latent variables shown in the traversal"))
+    active_kl: float = setting(latents.ACTIVE_KL, number(at_least=0, note="nats per image above which a latent "
+                                                                          "variable counts as active"))
     data_root: Optional[str] = None
     # CPU threads for PyTorch (null = its default, one per core).
-    threads: Optional[int] = None
+    threads: Optional[int] = setting(None, THREADS)
     # Directory for the results (null = beside the checkpoint): for a checkpoint on read-only storage.
     out: Optional[str] = None
     # Flush subnormal floats to zero on the CPU (null = on for CPU runs), as in training.
@@ -82,25 +84,7 @@ def validate(cfg: DictConfig) -> None:
     if not cfg.checkpoint:
         raise UserError("checkpoint is required: python -m vae.evaluate "
                         "checkpoint=outputs/<date>/<time>/checkpoints/best.pt")
-    for key, minimum, meaning in (("iw_samples", 1, "k of the importance-weighted bound"),
-                                  ("iw_chunk", 1, "importance samples evaluated at once"),
-                                  ("batch_size", 1, "test images per batch"),
-                                  ("recon_images", 1, "test digits shown with their reconstructions"),
-                                  ("prior_samples", 1, "decoded prior samples"),
-                                  ("prior_nrow", 1, "images per row of the prior-sample grid"),
-                                  ("traversal_rows", 1, "latent variables shown in the traversal")):
-        if cfg[key] < minimum:
-            raise UserError(f"{key}={cfg[key]!r} is not allowed: must be an integer >= {minimum} ({meaning}); "
-                            f"set it on the command line, e.g. {key}={getattr(EvaluateConfig, key)}")
-    if not (math.isfinite(cfg.active_kl) and cfg.active_kl >= 0):
-        raise UserError(f"active_kl={cfg.active_kl!r} is not allowed: must be a number >= 0 (nats per image above "
-                        f"which a latent variable counts as active); set it on the command line, e.g. "
-                        f"active_kl={latents.ACTIVE_KL}")
-    for key in ("recon_images", "prior_samples"):
-        check(cfg[key] <= MAX_IMAGES, key, cfg[key], f"must be an integer in [1, {MAX_IMAGES}] (images in a grid)")
-    check_seed(cfg.seed)
-    check_device_name(cfg.device)
-    check(cfg.threads is None or cfg.threads >= 1, "threads", cfg.threads, "must be null or an integer >= 1")
+    check_schema(cfg, EvaluateConfig)
     check_threads(cfg.threads)
 
 

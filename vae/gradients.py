@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import math
 import re
 import time
 from dataclasses import dataclass, field
@@ -40,7 +39,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae.common.atomic import atomic_write_text
 from vae.settings.checks import check_writable, resolve_device
-from vae.settings.config import CONFIG_DIR, MAX_CODE_UNITS, DataConfig, check_device_name
+from vae.settings.config import CONFIG_DIR, DataConfig, check_code_size
+from vae.settings.rules import (DEVICE, SEED, Rule, check_schema, each_of, integer, number, one_of, optional,
+                                 setting)
 from vae.common.errors import UserError, entry_point, is_out_of_memory
 from vae.estimators import (ESTIMATORS, check_settings, config_settings, default_samples, make_estimator,
                             takes_samples)
@@ -58,20 +59,22 @@ REFERENCES = ("auto", "exact", "rloo")
 @dataclass
 class GradientsConfig:
     checkpoint: Optional[str] = None
-    latent_dim: int = 4
-    categorical_dim: int = 4
-    batch_size: int = 16
-    samples: int = 1000
-    estimators: List[str] = field(default_factory=lambda: [n for n in ESTIMATORS if n != "exact"])
-    tau: Optional[float] = None
-    taus: Optional[List[float]] = None
+    latent_dim: int = setting(4, integer(1))
+    categorical_dim: int = setting(4, integer(2))
+    batch_size: int = setting(16, integer(1))
+    samples: int = setting(1000, integer(2))
+    estimators: List[str] = setting(rule=each_of(ESTIMATORS, non_empty=True),
+                                    factory=lambda: [n for n in ESTIMATORS if n != "exact"])
+    tau: Optional[float] = setting(None, optional(number(above=0)))
+    taus: Optional[List[float]] = setting(None, Rule(lambda ts: ts is None or all(POSITIVE.ok(t) for t in ts),
+                                                     "every temperature must be a number > 0"))
     estimator_samples: Optional[int] = None
     baseline_decay: float = 0.9
-    definition: str = "ours"
-    reference: str = "auto"
-    reference_samples: int = 10000
-    seed: int = 0
-    device: str = "auto"
+    definition: str = setting("ours", one_of(DEFINITIONS))
+    reference: str = setting("auto", one_of(REFERENCES))
+    reference_samples: int = setting(10000, integer(2))
+    seed: int = setting(0, SEED)
+    device: str = setting("auto", DEVICE)
     out: str = "gradients"
     data_root: Optional[str] = None
     data: DataConfig = field(default_factory=DataConfig)
@@ -80,30 +83,15 @@ class GradientsConfig:
 ConfigStore.instance().store(name="gradients_schema", node=GradientsConfig)
 
 
-def _one_line(key: str, value, allowed: str) -> UserError:
-    return UserError(f"{key}={value!r} is not allowed: {allowed} (set it on the command line, e.g. {key}=...)")
+POSITIVE = number(above=0)
 
 
 def validate(cfg: DictConfig) -> None:
-    """Range checks, one readable line each, before any file is read."""
-    for key, minimum in (("batch_size", 1), ("samples", 2), ("latent_dim", 1), ("categorical_dim", 2),
-                         ("reference_samples", 2)):
-        if cfg[key] < minimum:
-            raise _one_line(key, cfg[key], f"must be an integer >= {minimum}")
-    if cfg.latent_dim * cfg.categorical_dim > MAX_CODE_UNITS:
-        raise _one_line("latent_dim", cfg.latent_dim, f"latent_dim x categorical_dim must be at most {MAX_CODE_UNITS}")
-    unknown = [n for n in cfg.estimators if n not in ESTIMATORS]
-    if unknown or not cfg.estimators:
-        raise _one_line("estimators", list(cfg.estimators), f"a non-empty list drawn from {', '.join(ESTIMATORS)}")
-    for tau in taus_of(cfg, 1.0):
-        if not (math.isfinite(tau) and tau > 0):
-            raise _one_line("taus" if cfg.taus else "tau", tau, "every temperature must be a number > 0")
+    """Every setting against its rule (declared beside it above), then what relates them; before any file is read."""
+    check_schema(cfg, GradientsConfig)
+    check_code_size(cfg.latent_dim, cfg.categorical_dim)
     for name in cfg.estimators:
         check_settings(name, settings_for(cfg, name), 1, 2)
-    for key, allowed in (("definition", DEFINITIONS), ("reference", REFERENCES)):
-        if cfg[key] not in allowed:
-            raise _one_line(key, cfg[key], f"one of {', '.join(allowed)}")
-    check_device_name(cfg.device)
 
 
 def taus_of(cfg: DictConfig, default: float) -> List[float]:

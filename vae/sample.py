@@ -14,7 +14,7 @@ Seeded: the same command draws the same pictures. Settings: configs/sample.yaml 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -25,25 +25,27 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig
 
 from vae.common.atomic import atomic_write
-from vae.settings.config import CONFIG_DIR, check, check_seed
+from vae.settings.config import CONFIG_DIR
+from vae.settings.rules import DEVICE, MAX_IMAGES, SEED, Rule, check_schema, integer, setting
 from vae.common.errors import UserError, entry_point
 
 log = logging.getLogger("sample")
-MAX_IMAGES = 1024
 
 
 @dataclass
 class SampleConfig:
     checkpoint: Optional[str] = None
-    n: int = 64                       # prior samples
-    nrow: int = 8                     # images per row of the prior grid
-    recon: int = 8                    # test images above their reconstructions
-    pair: List[int] = field(default_factory=lambda: [0, 1])  # test images whose codes are interpolated
-    steps: int = 10                   # images on the interpolation path, ends included
-    seed: int = 0
+    n: int = setting(64, integer(1, MAX_IMAGES))     # prior samples
+    nrow: int = setting(8, integer(1, MAX_IMAGES))   # images per row of the prior grid
+    recon: int = setting(8, integer(1, MAX_IMAGES))  # test images above their reconstructions
+    # test images whose codes are interpolated
+    pair: List[int] = setting(rule=Rule(lambda p: len(p) == 2 and all(isinstance(i, int) and i >= 0 for i in p),
+                                        "two test image indices, e.g. pair=[0,1]"), factory=lambda: [0, 1])
+    steps: int = setting(10, integer(2, MAX_IMAGES))  # images on the interpolation path, ends included
+    seed: int = setting(0, SEED)
     out: Optional[str] = None         # null = <checkpoint stem>.samples/ beside the checkpoint
     data_root: Optional[str] = None   # null = the run's own data.root
-    device: str = "cpu"
+    device: str = setting("cpu", DEVICE)
 
 
 ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
@@ -52,13 +54,7 @@ ConfigStore.instance().store(name="sample_schema", node=SampleConfig)
 def validate(cfg: DictConfig) -> None:
     if not cfg.checkpoint:
         raise UserError("checkpoint= is required: python -m vae.sample checkpoint=<run>/checkpoints/best.pt")
-    for key in ("n", "recon"):
-        check(1 <= cfg[key] <= MAX_IMAGES, key, cfg[key], f"must be an integer in [1, {MAX_IMAGES}]")
-    check(1 <= cfg.nrow <= MAX_IMAGES, "nrow", cfg.nrow, f"must be an integer in [1, {MAX_IMAGES}]")
-    check(2 <= cfg.steps <= MAX_IMAGES, "steps", cfg.steps, f"must be an integer in [2, {MAX_IMAGES}]")
-    check(len(cfg.pair) == 2 and all(isinstance(i, int) and i >= 0 for i in cfg.pair), "pair", list(cfg.pair),
-          "two test image indices, e.g. pair=[0,1]")
-    check_seed(cfg.seed)
+    check_schema(cfg, SampleConfig)
 
 
 def grid(images: torch.Tensor, nrow: int) -> "PIL.Image.Image":  # noqa: F821

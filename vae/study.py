@@ -37,6 +37,7 @@ from omegaconf import DictConfig
 from vae.common.atomic import atomic_write, atomic_write_text
 from vae.settings.config import CONFIG_DIR, REPO_DIR, validate_ranges
 from vae.common.errors import UserError, entry_point
+from vae.settings.rules import THREADS, check_schema, integer, one_of, setting
 from vae.tools.stats import mean_std, published_for
 
 log = logging.getLogger("study")
@@ -52,9 +53,9 @@ class StudyConfig:
     seeds: List[int] = field(default_factory=lambda: [0])
     extra: List[str] = field(default_factory=list)  # more train.py overrides for every cell, e.g. ["epochs=20"]
     dir: str = "${repo_dir:}/outputs/studies/${preset}"
-    threads: Optional[int] = 1        # per cell: one thread per run is the fastest use of a small CPU
-    jobs: int = 1                     # cells trained at once on this machine
-    action: str = "run"               # run | aggregate | list
+    threads: Optional[int] = setting(1, THREADS)  # per cell: one thread per run is the fastest use of a small CPU
+    jobs: int = setting(1, integer(1, note="cells trained at once"))  # cells trained at once on this machine
+    action: str = setting("run", one_of(ACTIONS))  # run | aggregate | list
 
 
 ConfigStore.instance().store(name="study_schema", node=StudyConfig)
@@ -330,10 +331,7 @@ def draw_bands(rows: List[dict], path: Path, title: str, tag: str = "test/elbo_d
 @hydra.main(version_base="1.3", config_path="../configs", config_name="study")
 @entry_point
 def main(cfg: DictConfig) -> int:
-    if cfg.action not in ACTIONS:
-        raise UserError(f"action={cfg.action!r} is not allowed: one of {', '.join(ACTIONS)}")
-    if cfg.jobs < 1:
-        raise UserError(f"jobs={cfg.jobs!r} is not allowed: must be an integer >= 1 (cells trained at once)")
+    check_schema(cfg, StudyConfig)
     cells = make_cells(cfg)
     out = Path(cfg.dir)
     if cfg.action == "list":

@@ -1,18 +1,17 @@
 """Start-up checks that look beyond the values: the file system, the devices, a checkpoint to resume.
 
-vae/training/plan.py calls them, once per run, from the Hydra start-up callback (before Hydra creates the run directory, so a
-bad setting leaves nothing behind); the values' own ranges are vae/settings/config.py's `validate_ranges`. `validate` runs
-the same checks without configuring anything, for tools and tests that only ask.
+vae/training/plan.py calls them, once per run, from the Hydra start-up callback (before Hydra creates the run
+directory, so a bad setting leaves nothing behind); the values' own rules are declared beside the settings
+(vae/settings/config.py, vae/settings/rules.py).
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 from omegaconf import DictConfig
 
-from vae.settings.config import validate_ranges
 from vae.common.errors import UserError, describe
 
 THREADS_PER_CPU = 4  # threads beyond this many per CPU only slow a run down (and 10^5 of them crash PyTorch)
@@ -169,24 +168,6 @@ def check_resumable(cfg: DictConfig, ckpt: dict) -> None:
     model = build_model(cfg, image_shape_of(ckpt))
     check_model_state(ckpt, model.state_dict(), cfg.resume)
     check_optimizer_state(ckpt, model, cfg.resume)
-
-
-def validate(cfg: DictConfig, output_dir: Optional[str] = None, overrides: Optional[List[str]] = None,
-             check_resume: bool = True) -> None:
-    """Everything `make_plan` checks, without configuring the device (for tests and tools that only ask)."""
-    if check_resume and cfg.resume is not None:
-        from vae.training.checkpoint import load_checkpoint, resume_config
-
-        ckpt = load_checkpoint(cfg.resume, key="resume")
-        cfg = resume_config(cfg, ckpt, overrides)
-    validate_ranges(cfg)
-    device = resolve_device(cfg.device)
-    check_threads(cfg.threads)
-    check_environment(cfg, device)
-    if output_dir is not None:
-        check_writable(Path(output_dir), "hydra.run.dir")
-    if check_resume and cfg.resume is not None:
-        check_resumable(cfg, ckpt)
 
 
 def check_new_run_dir(run_dir: Path) -> None:

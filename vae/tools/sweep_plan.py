@@ -211,10 +211,10 @@ def compose_job(config: DictConfig, job: List[str], loader) -> DictConfig:
 def check_job(task_cfg: DictConfig, job: List[str], checked_resumes: set) -> Optional[str]:
     """A job's one-line error, or None if it can run: the checks of a single run (a `resume=` checkpoint is read once
     per sweep)."""
-    from vae.settings.checks import validate
+    from vae.training.plan import check_run
 
     try:
-        validate(task_cfg, None, list(job), check_resume=task_cfg.resume not in checked_resumes)
+        check_run(task_cfg, list(job), check_resume=task_cfg.resume not in checked_resumes)
     except UserError as e:
         return str(e)
     checked_resumes.add(task_cfg.resume)

@@ -32,7 +32,7 @@ log = logging.getLogger("train")
 class RunPlan:
     cfg: DictConfig                 # the run's settings, read-only
     device: object                  # torch.device
-    run_dir: Path                   # where the run writes
+    run_dir: Optional[Path]         # where the run writes (None: only checked, see check_run)
     resumed: Optional[dict]         # the checkpoint to continue (read and checked), or None for a new run
     in_place: bool                  # a resume that continues in the checkpoint's own run directory
     overrides: Tuple[str, ...]      # the command line's overrides (metrics.json records them)
@@ -46,26 +46,31 @@ class RunPlan:
         return pick_modes(self.device, c.compile, c.cuda_graph, steps, c.compile_min_steps)
 
 
-def make_plan(cfg: DictConfig, output_dir, overrides: Sequence[str] = ()) -> RunPlan:
+def make_plan(cfg: DictConfig, output_dir, overrides: Sequence[str] = (), *, configure: bool = True,
+              check_resume: bool = True) -> RunPlan:
     """Decide the run. `cfg` is the composed config (without Hydra's node), `output_dir` the run directory Hydra
-    made or is about to make, `overrides` the command line's (with `resume=`, they decide which settings may differ
-    from the checkpoint's)."""
+    made or is about to make (None: no directory yet, e.g. a sweep's job), `overrides` the command line's (with
+    `resume=`, they decide which settings may differ from the checkpoint's). `configure=False` asks without
+    changing anything (the device's settings, `cfg`): a sweep checks each job so before the first starts, and
+    `check_resume=False` skips a checkpoint it has already read."""
     from vae.settings import checks
     from vae.training.checkpoint import load_checkpoint, resume_config
     from vae.settings.config import check_device_name, validate_ranges
     from vae.training.engine import configure_device
     from vae.training.rundir import run_dir_of
 
+    if not configure:
+        cfg = copy.deepcopy(cfg)
     overrides = tuple(str(o) for o in overrides)
-    resumed, in_place, run_dir = None, False, Path(output_dir)
-    if cfg.resume is not None:
+    resumed, in_place, run_dir = None, False, None if output_dir is None else Path(output_dir)
+    if cfg.resume is not None and check_resume:
         check_device_name(cfg.device)  # before the checkpoint is read onto it
         resumed = load_checkpoint(cfg.resume, key="resume")
         cfg = resume_config(cfg, resumed, overrides)
         here, why = run_dir_of(cfg.resume)
         if here is not None:
             run_dir, in_place = here, True
-        else:
+        elif configure:
             log.info("resume: %s, so this run writes into its new run directory %s", why, run_dir)
     if cfg.data.get("path") and not OmegaConf.is_missing(cfg.data, "path"):
         # Your own data is recorded by its absolute path: evaluate, sample and the API find it from anywhere.
@@ -73,17 +78,25 @@ def make_plan(cfg: DictConfig, output_dir, overrides: Sequence[str] = ()) -> Run
     validate_ranges(cfg)  # the run's final settings, once
     checks.check_threads(cfg.threads)
     device = checks.resolve_device(cfg.device)
-    # Threads and the subnormal flush before the first parallel op: worker threads copy the flush flag only from
-    # the thread that starts them (docs/denormals.md).
-    configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
+    if configure:
+        # Threads and the subnormal flush before the first parallel op: worker threads copy the flush flag only
+        # from the thread that starts them (docs/denormals.md).
+        configure_device(device, cfg.tf32, cfg.threads, cfg.flush_denormal)
     checks.check_environment(cfg, device)
-    checks.check_writable(run_dir, "hydra.run.dir")
+    if output_dir is not None:
+        checks.check_writable(run_dir, "hydra.run.dir")
     if resumed is not None:
         checks.check_resumable(cfg, resumed)
-    if not in_place:  # a new run, or a resume that writes into a new directory: it must not hold another run
+    if output_dir is not None and not in_place:  # a new run, or a resume into a new directory: not over another run
         checks.check_new_run_dir(run_dir)
     OmegaConf.set_readonly(cfg, True)
     return RunPlan(cfg, device, run_dir, resumed, in_place, overrides)
+
+
+def check_run(cfg: DictConfig, overrides: Sequence[str] = (), check_resume: bool = True) -> None:
+    """Everything `make_plan` checks, with nothing configured and no directory chosen: one line if the run cannot
+    start."""
+    make_plan(cfg, None, overrides, configure=False, check_resume=check_resume)
 
 
 # The plan the start-up callback made for this process's run, waiting for train.py to take it.
