@@ -11,7 +11,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import REPO, run_train
+from support import REPO, run_train
 from vae.api import load, path_codes
 from vae.common.errors import UserError
 

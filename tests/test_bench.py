@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from conftest import subprocess_env
+from support import subprocess_env
 from idx import make_tiny_dataset
 from vae import bench as bench_mod
 from vae.settings.config import CONFIG_DIR, REPO_DIR

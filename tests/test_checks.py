@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, compose_train, subprocess_env
+from support import REPO, compose_train, subprocess_env
 from vae.settings.checks import check_output_file
 from vae.training.plan import ValidateOnStart
 from vae.common.errors import UserError

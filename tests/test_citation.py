@@ -7,7 +7,7 @@ import re
 
 import yaml
 
-from conftest import REPO
+from support import REPO
 from vae.estimators import ESTIMATORS
 
 # What the Citation File Format 1.2.0 schema requires of every file (https://citation-file-format.github.io/).

@@ -5,7 +5,7 @@ import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from conftest import run_train, tiny_overrides
+from support import run_train, tiny_overrides
 from vae.training.plan import check_run
 from vae.settings.config import CONFIG_DIR
 from vae.common.errors import UserError
@@ -123,7 +123,7 @@ def test_bad_checkpoints(tiny_data, tmp_path):
 def test_readme_documents_every_setting():
     from dataclasses import fields
 
-    from conftest import REPO
+    from support import REPO
     from vae.settings.config import Config, DataConfig, EvalConfig
 
     readme = (REPO / "README.md").read_text()

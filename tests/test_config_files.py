@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from support import REPO, subprocess_env
 from vae.settings.config import CONFIG_DIR
 from vae.settings.config_files import MAX_VALUES, problem
 

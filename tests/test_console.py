@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from conftest import REPO, subprocess_env
+from support import REPO, subprocess_env
 
 READER_GONE = r"""
 import logging, sys

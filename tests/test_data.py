@@ -297,7 +297,7 @@ def read_only_mounts(tmp_path_factory):
 
 
 def test_real_read_only_mount_trains_and_evaluates(read_only_mounts, tmp_path):
-    from conftest import subprocess_env, tiny_overrides
+    from support import subprocess_env, tiny_overrides
 
     root = tmp_path / "data"
     make_tiny_dataset(root, n_train=300, n_test=100)
@@ -319,7 +319,7 @@ def test_real_read_only_mount_trains_and_evaluates(read_only_mounts, tmp_path):
 
 
 def test_real_read_only_mount_with_a_missing_file_fails_before_the_run(read_only_mounts, tmp_path):
-    from conftest import subprocess_env, tiny_overrides
+    from support import subprocess_env, tiny_overrides
 
     raw = make_tiny_dataset(tmp_path / "data")
     (raw / "train-labels-idx1-ubyte").unlink()

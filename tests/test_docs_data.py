@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, compose_train, subprocess_env
+from support import REPO, compose_train, subprocess_env
 
 DOC = REPO / "docs" / "data.md"
 

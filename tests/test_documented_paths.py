@@ -9,7 +9,7 @@ import signal
 import pytest
 import torch
 
-from conftest import compose_train, train_in_process
+from support import compose_train, train_in_process
 from test_train import events
 
 

@@ -364,7 +364,7 @@ def test_estimator_args_refuses_what_the_estimator_does_not_take(name, args, mes
 
 def test_the_registry_is_the_one_list_of_names():
     """The config's error message, the README's settings table and the registry name the same estimators."""
-    from conftest import REPO
+    from support import REPO
 
     with pytest.raises(UserError) as info:
         validate_ranges(config_with(estimator="gumble"))
@@ -424,7 +424,7 @@ class ScaledST(Estimator):
 
 
 def test_a_new_estimator_is_its_class_and_one_registry_line(registry, tiny, tiny_data, tmp_path):
-    from conftest import train_in_process
+    from support import train_in_process
 
     register(ScaledST)  # the registry line
     # Its setting reaches its gradient: scale 2 doubles st's (the KL's part aside).
@@ -450,7 +450,7 @@ def test_a_new_estimator_is_its_class_and_one_registry_line(registry, tiny, tiny
 def test_the_documented_example_is_an_unbiased_estimator(registry, tiny):
     """docs/estimators.md's "Write your own estimator" example, as printed there: registered with one line, its
     setting passed, and its gradient unbiased against the exact one."""
-    from conftest import REPO
+    from support import REPO
 
     docs = (REPO / "docs" / "estimators.md").read_text().split("## Write your own estimator")[1]
     code = re.search(r"```python\n(.*?)```", docs, re.S).group(1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from conftest import run_script
+from support import run_script
 from vae.export import ExportConfig, export
 
 

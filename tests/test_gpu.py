@@ -9,7 +9,7 @@ import math
 import pytest
 import torch
 
-from conftest import run_script, run_train, tiny_overrides
+from support import run_script, run_train, tiny_overrides
 from vae.data.device_data import DeviceSplit
 from vae.training.engine import TrainStep, make_optimizer, set_lr_
 from vae.estimators import make_estimator

@@ -10,7 +10,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from PIL import Image
 
-from conftest import subprocess_env, train_in_process
+from support import subprocess_env, train_in_process
 from test_evaluate import write_checkpoint
 from vae import gradients
 from vae.settings.config import CONFIG_DIR, REPO_DIR

@@ -14,7 +14,7 @@ import time
 
 import torch
 
-from conftest import REPO, subprocess_env, train_in_process
+from support import REPO, subprocess_env, train_in_process
 from idx import make_tiny_dataset
 from tb_events import steps_on_disk
 from test_train import events

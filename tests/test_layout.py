@@ -5,7 +5,7 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
-from conftest import REPO
+from support import REPO
 
 MAX_MODULE_LINES = 420
 MAX_TRAIN_PY_LINES = 150

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import compose_train, run_train, tiny_overrides, train_in_process
+from support import compose_train, run_train, tiny_overrides, train_in_process
 
 
 def test_a_resumed_run_reads_its_checkpoint_once_and_checks_its_settings_once(tiny_data, tmp_path, monkeypatch):

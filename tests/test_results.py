@@ -10,7 +10,7 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import REPO, subprocess_env, train_in_process
+from support import REPO, subprocess_env, train_in_process
 
 
 def script(name, *args) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from conftest import REPO, run_train, subprocess_env, tiny_overrides, train_in_process
+from support import REPO, run_train, subprocess_env, tiny_overrides, train_in_process
 from idx import make_tiny_dataset
 from vae.training import checkpoint as ckpt_io
 from vae.common.atomic import remove_stray_temporaries
@@ -197,7 +197,7 @@ def test_a_compiler_that_fails_falls_back_to_eager(tiny_data, tmp_path):
 
 def validate_on_start(capsys, *overrides, run_dir):
     """What ValidateOnStart does with `python train.py <overrides>`: its exit status and the lines it printed."""
-    from conftest import compose_train
+    from support import compose_train
     from vae.training.plan import ValidateOnStart
 
     cfg = compose_train(*overrides, f"hydra.run.dir={run_dir}", run_dir=run_dir)
@@ -596,7 +596,7 @@ def test_resuming_a_finished_run_reports_its_own_numbers_and_keeps_its_metrics(f
     from omegaconf import OmegaConf
 
     import train as train_script
-    from conftest import compose_train
+    from support import compose_train
     from hydra.core.hydra_config import HydraConfig
     from vae.evaluate import EvaluateConfig, evaluate
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import run_script
+from support import run_script
 from vae.sample import SampleConfig, sample
 
 FILES = sorted(f"{name}.{ext}" for name in ("prior", "reconstructions", "interpolation") for ext in ("png", "npy"))

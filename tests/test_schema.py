@@ -49,7 +49,7 @@ def test_every_commands_own_config_has_only_known_keys(config):
 @pytest.mark.parametrize("script", ["train.py", "vae.evaluate", "vae.bench", "vae.baseline", "vae.gradients",
                                     "vae.data"])
 def test_every_command_refuses_an_added_key_before_it_runs(tmp_path, script):
-    from conftest import run_script
+    from support import run_script
 
     run_dir = tmp_path / "run"
     proc = run_script(["+lattent_dim=20", f"hydra.run.dir={run_dir}"] if script == "train.py" else ["+lattent_dim=20"],

@@ -24,7 +24,7 @@ import pytest
 from omegaconf import OmegaConf
 from packaging.requirements import Requirement
 
-from conftest import REPO, run_script, run_train, tiny_overrides
+from support import REPO, run_script, run_train, tiny_overrides
 from vae import sweep
 
 DOCKERFILE = REPO / "Dockerfile"

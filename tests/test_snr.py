@@ -5,7 +5,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import compose_train, train_in_process
+from support import compose_train, train_in_process
 from tb_events import steps_on_disk
 from vae.settings.config import validate_ranges
 from vae.common.errors import UserError

@@ -10,7 +10,7 @@ import time
 
 import pytest
 
-from conftest import REPO, subprocess_env
+from support import REPO, subprocess_env
 from vae.tools.stats import mean_std
 from vae.study import tables
 

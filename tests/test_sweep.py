@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_train, tiny_overrides
+from support import run_train, tiny_overrides
 from vae import sweep
 
 BASE = {"epochs": 1, "step": 6, "tau": 0.5}

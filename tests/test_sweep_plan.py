@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import run_train, tiny_overrides
+from support import run_train, tiny_overrides
 from vae.tools import sweep_plan
 from vae.common.errors import UserError
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import vae.training.trainer
-from conftest import train_in_process
+from support import train_in_process
 from vae.training.engine import TrainStep
 from vae.core.schedule import temperature_at
 

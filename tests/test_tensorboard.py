@@ -11,9 +11,9 @@ import sys
 import pytest
 from omegaconf import OmegaConf
 
-from conftest import compose_train
+from support import compose_train
 from vae.training.tensorboard import NOT_HPARAMS, SHOWN_HPARAMS, log_hparams
-from conftest import REPO, subprocess_env, tiny_overrides
+from support import REPO, subprocess_env, tiny_overrides
 
 
 def task_config(*overrides):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import compose_train, train_in_process
+from support import compose_train, train_in_process
 from vae.training.plan import check_run
 from vae.common.errors import UserError
 from vae.training.tracking import RUN_ID_FILE, MlflowTracker, flatten, trackers, tracking_uri

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import run_train, tiny_overrides, train_in_process
+from support import run_train, tiny_overrides, train_in_process
 
 SCALARS = {"train/loss", "train/bce", "train/kl", "train/temperature", "test/loss", "test/elbo_discrete",
            "train/grad_norm", "latents/perplexity", "latents/active", "latents/confidence"}
@@ -133,7 +133,7 @@ def test_a_closed_stdout_costs_no_result(tiny_data, tmp_path):
     import subprocess
     import sys
 
-    from conftest import REPO, subprocess_env
+    from support import REPO, subprocess_env
 
     run_dir = tmp_path / "run"
     read, write = os.pipe()

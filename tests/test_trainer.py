@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import compose_train, run_script, train_in_process
+from support import compose_train, run_script, train_in_process
 from vae.common.errors import TrainingDiverged
 from vae.training.trainer import Trainer, training_sizes
 

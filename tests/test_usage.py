@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from omegaconf import DictConfig
 
-from conftest import compose_train, run_train
+from support import compose_train, run_train
 from vae.settings.usage import commands, first_sentence, help_page, read_groups, read_settings
 from vae.settings.config import CONFIG_DIR
 
