@@ -1,5 +1,5 @@
-"""Shared fixtures: a tiny generated dataset and a tiny trained checkpoint. The functions that run the trainer are
-tests/support.py's, imported by the tests that use them."""
+"""Shared fixtures: a tiny generated dataset, a tiny trained checkpoint and a finished run to resume. The functions
+that run the trainer are tests/support.py's, imported by the tests that use them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -27,3 +27,12 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     data_root, run_dir = tmp_path_factory.mktemp("glyphs"), tmp_path_factory.mktemp("tiny-run")
     train_in_process(data_root, run_dir, "latent_dim=8", "categorical_dim=4", "epochs=5")
     return run_dir / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tiny_data, tmp_path_factory):
+    """A finished 1-epoch run on tiny data whose temperature has annealed (tau at the end != temperature). Tests
+    that write into a run use a copy."""
+    run_dir = tmp_path_factory.mktemp("finished") / "run"
+    train_in_process(tiny_data, run_dir, "anneal_rate=0.1", "anneal_interval=1", "temp_min=0.3")
+    return run_dir

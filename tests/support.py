@@ -1,12 +1,20 @@
 """How tests run the trainer: in this process (most tests: compose the config, call train.py's `train`) or as a
 real process (what needs one: signals, the command line's errors, kill -9, Hydra's own files). Plain functions that
-tests import; the fixtures are conftest.py's."""
+tests import; the fixtures are conftest.py's. Also what several test files share: a copy of a finished run, a signal
+sent to a running train.py, the start-up checks' verdict, a full disk, a sweep and its summary."""
 from __future__ import annotations
 
+import csv
+import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 if str(REPO) not in sys.path:
@@ -88,3 +96,118 @@ def train_in_process(data_root: Path, run_dir: Path, *extra: str) -> dict:
     if task_cfg.resume is not None:  # a resumed run writes into its own directory, when it can
         run_dir = run_dir_of(task_cfg.resume)[0] or run_dir
     return json.loads((run_dir / "metrics.json").read_text())
+
+
+# --- runs that tests share: a finished run's copy, a run interrupted by a signal, the start-up checks ---------
+
+def copy_run(run_dir, dest):
+    shutil.copytree(run_dir, dest)
+    return dest
+
+
+def long_overrides(data_root, run_dir, *extra):
+    return tiny_overrides(data_root, run_dir, "batch_size=4", "log_interval=50", "latent_dim=8",
+                          "anneal_interval=7", "anneal_rate=1e-3", *extra)
+
+
+def interrupt_during(args, wait_for: str, sig, delay: float = 0.4, ready=None) -> subprocess.CompletedProcess:
+    """Start train.py, wait for a line containing `wait_for`, let it run `delay` s more (or until `ready()`), then
+    send `sig`."""
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=subprocess_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if wait_for in line:
+            break
+    if ready is None:
+        time.sleep(delay)
+    else:
+        deadline = time.time() + 120
+        while not ready() and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+    proc.send_signal(sig)
+    rest, _ = proc.communicate(timeout=120)
+    return subprocess.CompletedProcess(proc.args, proc.returncode, "".join(out) + rest, "")
+
+
+def logged_past(run_dir, step: int):
+    """A `ready` for interrupt_during: the event file holds train scalars of a step after `step` (the end of epoch
+    1), so the run is inside epoch 2. The epoch's log line alone is printed before the epoch's checkpoint, images and
+    flush: a signal sent a fixed delay after it can land before epoch 2's first step on a loaded machine."""
+    from tb_events import steps_on_disk
+
+    return lambda: max(steps_on_disk(run_dir), default=0) > step
+
+
+def validate_on_start(capsys, *overrides, run_dir):
+    """What ValidateOnStart does with `python train.py <overrides>`: its exit status and the lines it printed."""
+    from vae.training.plan import ValidateOnStart
+
+    cfg = compose_train(*overrides, f"hydra.run.dir={run_dir}", run_dir=run_dir)
+    with pytest.raises(SystemExit) as e:
+        ValidateOnStart().on_run_start(cfg)
+    return e.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def limit_file_size(limit: int):
+    """For preexec_fn: files may not grow beyond `limit` bytes, as on a full disk (write() fails with EFBIG rather
+    than the process being killed by SIGXFSZ)."""
+    import resource
+
+    def apply():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
+    return apply
+
+
+class StopAfter:
+    """A stand-in for StopFlag that says "stop" from its n-th question on."""
+
+    name, exit_code = "SIGTERM", 143
+
+    def __init__(self, n):
+        self.asked, self.n = 0, n
+
+    def at_once(self, doing):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def __call__(self):
+        self.asked += 1
+        return self.asked >= self.n
+
+
+# --- sweeps: what tests/test_sweep.py and tests/project/test_ship.py run and check ---------------------------
+
+TINY = ("epochs=1", "latent_dim=4")
+
+
+def multirun(tiny_data, sweep_dir: Path, *args: str, timeout=300) -> subprocess.CompletedProcess:
+    overrides = tiny_overrides(tiny_data, sweep_dir / "unused-run-dir", *TINY, f"hydra.sweep.dir={sweep_dir}", *args)
+    proc = run_train(["-m", *overrides], timeout=timeout)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    return proc
+
+
+def summary_rows(sweep_dir: Path) -> list:
+    with (sweep_dir / "summary.csv").open(newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def assert_complete_jobs(sweep_dir: Path, n: int) -> list:
+    rows = summary_rows(sweep_dir)
+    assert len(rows) == n and all(r["status"] == "done" for r in rows)
+    assert sorted(int(r["job"]) for r in rows) == list(range(n))
+    for r in rows:
+        run_dir = sweep_dir / r["dir"]
+        metrics = json.loads((run_dir / "metrics.json").read_text())
+        assert float(r["test_loss"]) == pytest.approx(metrics["test_loss"])
+        assert float(r["test_elbo_discrete"]) == pytest.approx(metrics["test_elbo_discrete"])
+        assert (run_dir / "checkpoints" / "last.pt").is_file()
+        assert list(run_dir.glob("events.out.tfevents.*"))
+    elbos = [float(r["test_elbo_discrete"]) for r in rows]
+    assert elbos == sorted(elbos)  # best first (by the discrete -ELBO: tests/test_sweep.py)
+    assert (sweep_dir / "summary.md").is_file()
+    return rows

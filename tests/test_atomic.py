@@ -1,12 +1,19 @@
-"""vae/common/atomic.py: a write is the old file or the new one, and never replaces what is not a regular file."""
+"""vae/common/atomic.py: a write is the old file or the new one (a kill -9 mid-write included), never replaces what is
+not a regular file, and fails in one line whatever the failure's type."""
 from __future__ import annotations
 
+import errno
 import os
 import socket
+import subprocess
+import sys
+import time
 
 import pytest
+import torch
 
-from vae.common.atomic import WriteFailed, atomic_write_text, not_a_regular_file
+from support import REPO
+from vae.common.atomic import WriteFailed, atomic_write_text, not_a_regular_file, remove_stray_temporaries
 from vae.common.errors import UserError
 
 
@@ -52,3 +59,55 @@ def test_regular_files_and_new_files_are_written(tmp_path):
     atomic_write_text(tmp_path / "new", "a")
     atomic_write_text(tmp_path / "new", "b")
     assert (tmp_path / "new").read_text() == "b" and not_a_regular_file(tmp_path / "new") is None
+
+
+SAVER = r"""
+import sys, torch
+from vae.training.checkpoint import save_checkpoint
+i = 0
+while True:
+    i += 1
+    save_checkpoint({"format": "gumbel-vae/1", "i": i, "blob": torch.full((8_000_000,), float(i))}, sys.argv[1])
+"""
+
+
+def test_kill_9_while_saving_leaves_a_loadable_checkpoint(tmp_path):
+    path = tmp_path / "checkpoints" / "last.pt"
+    proc = subprocess.Popen([sys.executable, "-c", SAVER, str(path)], cwd=REPO)
+    try:
+        deadline = time.time() + 60
+        # wait until a complete file exists and the next write is in progress
+        while time.time() < deadline and not (path.exists() and any(".tmp-" in p.name for p in path.parent.iterdir())):
+            time.sleep(0.005)
+        proc.kill()
+    finally:
+        proc.wait()
+    assert any(".tmp-" in p.name for p in path.parent.iterdir()), "the kill did not land during a write"
+    ckpt = torch.load(path, weights_only=True)
+    assert torch.equal(ckpt["blob"], torch.full((8_000_000,), float(ckpt["i"])))
+    removed = remove_stray_temporaries(path.parent)
+    assert removed and not any(".tmp-" in p.name for p in path.parent.iterdir())
+
+
+def test_every_write_failure_is_one_line_whatever_its_type(tmp_path):
+    from vae.common.atomic import WriteFailed, atomic_write, atomic_write_text
+
+    path = tmp_path / "metrics.json"
+    atomic_write_text(path, "{}")
+
+    def like_torch_save(f):  # torch.save reports ENOSPC as its own RuntimeError, the OSError as its context
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 1615808 vs 1615760")
+
+    with pytest.raises(WriteFailed, match=r"could not write metrics .*metrics.json: No space left on device "
+                                          r"\(free disk space.*the previous metrics.json is intact"):
+        atomic_write(path, like_torch_save, "metrics")
+    with pytest.raises(WriteFailed, match="PytorchStreamWriter failed"):  # its own words when no OSError is attached
+        atomic_write(path, lambda f: (_ for _ in ()).throw(RuntimeError("PytorchStreamWriter failed writing file")))
+    with pytest.raises(OSError):  # still an OSError for code that writes on a best-effort basis
+        atomic_write(path, lambda f: (_ for _ in ()).throw(OSError(errno.EIO, "Input/output error")))
+    with pytest.raises(TypeError):  # a bug in what is written is not a disk problem
+        atomic_write(path, lambda f: f.write("text, not bytes"))
+    assert path.read_text() == "{}" and [p.name for p in tmp_path.iterdir()] == ["metrics.json"]

@@ -13,7 +13,7 @@ import torch
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from support import subprocess_env
+from support import run_script, subprocess_env
 from idx import make_tiny_dataset
 from vae import bench as bench_mod
 from vae.settings.config import CONFIG_DIR, REPO_DIR
@@ -150,3 +150,18 @@ def test_results_are_written_before_they_are_printed(data_root, tmp_path, monkey
     with pytest.raises(BrokenPipeError):
         bench_mod.bench(cfg)
     assert json.loads(out.read_text())["rows"][0]["mode"] == "eager"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_bench_runs_every_mode_on_cuda(tiny_data, tmp_path):
+    out = tmp_path / "bench.json"
+    proc = run_script([f"data.root={tiny_data}", "data.verify=false", "device=cuda", "steps=6", "warmup_steps=3",
+                       "rounds=2", "modes=[eager,compile,cuda_graph,compile+cuda_graph]", f"out={out}"],
+                      script="vae.bench", timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["rows"]}
+    assert set(rows) == {"eager", "compile", "cuda_graph", "compile+cuda_graph", "baseline"}
+    for mode, row in rows.items():
+        assert row["status"] == "ok", (mode, row.get("reason"))
+        assert row["images_per_s"] > 0 and row["s_per_epoch"] > 0

@@ -1,4 +1,5 @@
-"""vae/settings/checks.py: the start-up checks end a bad command with one line, before Hydra creates anything."""
+"""vae/settings/checks.py: the start-up checks end a bad command with one line, before Hydra creates anything (no run
+directory, no .hydra/ files over a finished run's)."""
 from __future__ import annotations
 
 import subprocess
@@ -6,7 +7,8 @@ import sys
 
 import pytest
 
-from support import REPO, compose_train, subprocess_env
+from support import (REPO, compose_train, copy_run, run_train, subprocess_env, tiny_overrides, train_in_process,
+                     validate_on_start)
 from vae.settings.checks import check_output_file
 from vae.training.plan import ValidateOnStart
 from vae.common.errors import UserError
@@ -62,3 +64,47 @@ def test_an_output_file_in_a_place_that_cannot_hold_one_is_refused(tmp_path):
         check_output_file(tmp_path / "file" / "x.json", "out")
     check_output_file(tmp_path / "new" / "x.json", "out")  # a directory that can be created is fine
     assert (tmp_path / "new").is_dir() and list((tmp_path / "new").iterdir()) == []
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    (["device=cudaa"], "device='cudaa'"),
+    (["device=cuda:abc"], "device='cuda:abc'"),
+    (["seed=99999999999999999999"], "seed=99999999999999999999"),
+    (["seed=-1"], "seed=-1"),
+    (["threads=100000"], "threads=100000"),
+    (["latent_dim=100000", "categorical_dim=1000"], "latent_dim=100000 x categorical_dim=1000"),
+    (["eval.iw_samples=100000", "eval.iw_chunk=100000", "eval.batch_size=1000"], "eval.iw_chunk=100000"),
+    (["prior_samples=1000000"], "prior_samples=1000000"),
+    (["data.binarize_seed=-5"], "data.binarize_seed=-5"),
+])
+def test_start_up_checks_name_the_setting_in_one_line(tiny_data, tmp_path, capsys, overrides, needle):
+    code, lines = validate_on_start(capsys, f"data.root={tiny_data}", *overrides, run_dir=tmp_path / "run")
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], lines
+
+
+def test_a_bad_device_name_leaves_no_run_directory(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = run_train(tiny_overrides(tiny_data, run_dir, "device=cudaa"))
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr + proc.stdout
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "device='cudaa'" in proc.stderr
+    assert not run_dir.exists()
+
+
+def test_data_root_pointing_at_a_file_is_one_line(tiny_data, tmp_path, capsys):
+    a_file = next((tiny_data / "MNIST" / "raw").iterdir())
+    code, lines = validate_on_start(capsys, f"data.root={a_file}", run_dir=tmp_path / "run")
+    assert code == 2 and len(lines) == 1 and "is a file, not a directory" in lines[0], lines
+
+
+def test_a_new_run_does_not_overwrite_a_finished_one(finished_run, tiny_data, tmp_path):
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match="already holds a run"):
+        train_in_process(tiny_data, run_dir)
+    # On the command line the refusal comes before Hydra writes its .hydra/ files over the run's.
+    (run_dir / ".hydra").mkdir()
+    (run_dir / ".hydra" / "config.yaml").write_text("the run's own\n")
+    proc = run_train(tiny_overrides(tiny_data, run_dir))
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr and "Traceback" not in proc.stderr
+    assert (run_dir / ".hydra" / "config.yaml").read_text() == "the run's own\n"
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file() and ".hydra" not in p.parts} == before

@@ -1,13 +1,15 @@
 """Every config composes; every bad setting ends with one clear line, a non-zero exit and nothing written."""
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from hydra import compose, initialize_config_dir
 
-from support import run_train, tiny_overrides
+from support import compose_train, run_train, tiny_overrides
 from vae.training.plan import check_run
-from vae.settings.config import CONFIG_DIR
+from vae.settings.config import CONFIG_DIR, run_suffix
 from vae.common.errors import UserError
 
 
@@ -131,3 +133,56 @@ def test_readme_documents_every_setting():
     keys += [f"data.{f.name}" for f in fields(DataConfig)] + [f"eval.{f.name}" for f in fields(EvalConfig)]
     assert [k for k in keys if f"| `{k}` |" not in readme] == []
 
+
+def test_paper_preset_values():
+    """configs/experiment/paper.yaml is the setting of Jang et al. (2017), section 4.2; the README's table of
+    results is only reproducible with exactly these values."""
+    cfg = compose_train("experiment=paper")
+    assert (cfg.latent_dim, cfg.categorical_dim, cfg.prior) == (20, 10, "learned")
+    assert cfg.data.binarize == "static" and cfg.data.binarize_seed == 0
+    assert (cfg.temperature, cfg.temp_min, cfg.anneal_rate, cfg.anneal_interval) == (1.0, 0.5, 1e-4, 1000)
+    assert (cfg.epochs, cfg.batch_size, cfg.lr) == (100, 100, 1e-3)
+    assert cfg.hard is False and cfg.estimator == "gumbel"
+    # the documented variants: ST Gumbel-softmax on top of the preset, and the command line still wins
+    cfg = compose_train("experiment=paper", "hard=true", "epochs=3")
+    assert cfg.hard is True and cfg.epochs == 3 and cfg.latent_dim == 20 and cfg.prior == "learned"
+
+
+# --- a single run's directory names its overrides: outputs/<date>/<time>_<overrides>, short and without paths
+
+def hydra_run_dir(*overrides) -> str:
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("config", overrides=list(overrides), return_hydra_config=True).hydra.run.dir
+
+
+def test_run_dir_carries_the_overrides_but_no_paths():
+    plain = hydra_run_dir()
+    assert re.search(r"/outputs/\d{4}-\d\d-\d\d/\d\d-\d\d-\d\d$", plain), plain  # no trailing "_"
+    named = hydra_run_dir("temperature=2.0", "hard=true", "data.root=/scratch/data", "device=cpu", "data=fashion_mnist")
+    # Hydra sorts the overrides; paths and plumbing (data.root, device, ...) stay out of the name.
+    assert re.search(r"/\d\d-\d\d-\d\d_data=fashion_mnist,hard=true,temperature=2.0$", named), named
+
+
+def test_short_suffixes_are_the_overrides_themselves():
+    assert run_suffix("") == ""
+    assert run_suffix("hard=true") == "_hard=true"
+    assert run_suffix("data.system_path=/usr/share/mnist") == "_data.system_path=-usr-share-mnist"  # no nesting
+
+
+def test_long_suffixes_keep_whole_overrides_and_a_hash_of_all():
+    long = "anneal_rate=1e-4,categorical_dim=5,data.sources=[local,registry],hard=true,latent_dim=20,temperature=2.0"
+    suffix = run_suffix(long, max_len=64)
+    assert len(suffix) <= 1 + 64
+    # Whole overrides only: the comma inside the list value is no place to cut ("...,data.sources=[local" fits).
+    assert re.fullmatch(r"_anneal_rate=1e-4,categorical_dim=5\+[0-9a-f]{8}", suffix), suffix
+    assert run_suffix(long, max_len=75).startswith("_anneal_rate=1e-4,categorical_dim=5,data.sources=[local,registry]+")
+    # Runs that differ only past the cut still get different directories; the same overrides the same name.
+    assert run_suffix(long.replace("2.0", "3.0")) != suffix and run_suffix(long) == suffix
+    # One override longer than the limit is cut inside.
+    assert re.fullmatch(r"_x{55}\+[0-9a-f]{8}", run_suffix("x" * 100, max_len=64))
+
+
+def test_a_long_command_line_gives_a_bounded_directory_name():
+    name = hydra_run_dir("anneal_rate=1e-4", "categorical_dim=5", "latent_dim=20", "temp_min=0.3", "temperature=2.0",
+                         "hard=true", "prior=learned", "lr=3e-4").rsplit("/", 1)[1]
+    assert len(name) <= len("12-00-00_") + 64 and re.search(r"\+[0-9a-f]{8}$", name), name

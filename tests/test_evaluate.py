@@ -1,4 +1,5 @@
-"""`python -m vae.evaluate`: end to end on a tiny checkpoint and dataset, the test set it scores, its errors."""
+"""`python -m vae.evaluate`: end to end on a tiny checkpoint and dataset, the test set it scores, its errors, its
+settings checked before the checkpoint is read, and a stop during the importance-weighted bound."""
 import json
 import math
 import os
@@ -12,6 +13,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from idx import make_tiny_dataset
+from support import StopAfter, copy_run
 from vae.core import metrics
 from vae.pictures import latents
 from vae.training.checkpoint import FORMAT
@@ -95,7 +97,7 @@ def test_command_end_to_end(tmp_path):
         assert m[name] == pytest.approx(value, rel=1e-6), name
     # ... and the bound is one: with 4**3 = 64 codes, -log p(x) <= E[IW bound] is known exactly. A missing log k
     # would put the estimate log 10 = 2.3 nats below -log p(x), which the one-sided 1-nat check above lets through.
-    from test_documented_paths import exact_nll
+    from test_train import exact_nll
 
     nll = exact_nll(model, torch.cat(list(test.batches(N_TEST))))
     assert nll - 0.2 < m["iw_bound"], (nll, m["iw_bound"], m["elbo_discrete"])
@@ -283,3 +285,46 @@ def test_results_that_cannot_be_written_beside_the_checkpoint_point_to_out(tmp_p
     with pytest.raises(UserError, match="best.metrics.json is a directory, not a file.*write the results elsewhere "
                                         "with out=<dir>"):
         evaluate(eval_cfg(checkpoint=str(ckpt), iw_samples=2))
+
+
+@pytest.mark.parametrize("overrides,needle", [
+    ({"device": "cuda:abc"}, "device='cuda:abc'"),
+    ({"device": "cudaa"}, "device='cudaa'"),
+    ({"seed": 2**64}, "seed="),
+    ({"prior_samples": 10**6}, "prior_samples="),
+])
+def test_evaluate_settings_are_checked_before_the_checkpoint_is_read(tmp_path, overrides, needle):
+    from vae.evaluate import EvaluateConfig, evaluate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(EvaluateConfig), {"checkpoint": str(tmp_path / "x.pt"), **overrides})
+    with pytest.raises(UserError, match=needle):
+        evaluate(cfg)
+
+
+def test_evaluate_refuses_an_iw_chunk_that_cannot_fit(finished_run):
+    from vae.evaluate import EvaluateConfig, evaluate
+    from omegaconf import OmegaConf
+
+    cfg = OmegaConf.merge(OmegaConf.structured(EvaluateConfig), {
+        "checkpoint": str(finished_run / "checkpoints" / "last.pt"), "device": "cpu", "iw_samples": 100000,
+        "iw_chunk": 100000})
+    with pytest.raises(UserError, match="iw_chunk=100000 samples x batch_size=1000"):
+        evaluate(cfg)
+
+
+def test_evaluate_stops_during_the_iw_bound_and_writes_nothing(finished_run, tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from vae.evaluate import EvaluateConfig, run
+
+    ckpt = copy_run(finished_run, tmp_path / "run") / "checkpoints" / "last.pt"
+    cfg = OmegaConf.merge(OmegaConf.structured(EvaluateConfig), {
+        "checkpoint": str(ckpt), "device": "cpu", "iw_samples": 100000, "iw_chunk": 10, "batch_size": 50})
+    stop = StopAfter(5)
+    with pytest.raises(SystemExit) as e:
+        run(cfg, stop)
+    assert e.value.code == 143 and stop.asked == 5
+    captured = capsys.readouterr()
+    assert "discrete -ELBO" in captured.out and "stopped by SIGTERM" in captured.err
+    assert not list(ckpt.parent.glob("last.*.json")) and not list(ckpt.parent.glob("*.png"))

@@ -1,4 +1,4 @@
-"""KL, the loss against a hand computation, and the temperature schedule."""
+"""vae/core/loss.py: KL and the loss against a hand computation."""
 import math
 
 import pytest
@@ -6,8 +6,6 @@ import torch
 import torch.nn.functional as F
 
 from vae.core.loss import bce_per_image, kl_categorical, negative_elbo
-from vae.core.model import CategoricalVAE
-from vae.core.schedule import temperature_at
 
 
 def uniform_log_prior(n, k):
@@ -43,36 +41,3 @@ def test_loss_matches_a_hand_computation():
     assert kl_t.item() == pytest.approx(kl, rel=1e-5)
     assert loss.item() == pytest.approx(bce + kl, rel=1e-5)
     assert torch.allclose(bce_per_image(x_logits, x), F.binary_cross_entropy(torch.sigmoid(x_logits), x, reduction="none").sum(-1))
-
-
-def test_model_shapes_and_unconstrained_logits():
-    model = CategoricalVAE(3, 4)
-    with torch.no_grad():
-        model.encoder[-1].bias.fill_(-5.0)  # a ReLU on the logits would turn these into 0
-    logits = model.encode(torch.rand(2, 784))
-    assert logits.shape == (2, 3, 4) and (logits < 0).any()
-    assert model.decode(torch.zeros(5, 3, 4)).shape == (5, 784)
-    assert not any(n == "prior_logits" for n, _ in model.named_parameters())
-    assert any(n == "prior_logits" for n, _ in CategoricalVAE(3, 4, prior="learned").named_parameters())
-
-
-SCHEDULE = dict(temperature=1.0, temp_min=0.5, anneal_rate=3e-5, anneal_interval=100)
-
-
-def test_schedule_values_at_chosen_steps():
-    assert temperature_at(0, **SCHEDULE) == 1.0
-    assert temperature_at(99, **SCHEDULE) == 1.0                       # updated every 100 steps only
-    assert temperature_at(100, **SCHEDULE) == pytest.approx(math.exp(-3e-5 * 100))
-    assert temperature_at(6123, **SCHEDULE) == pytest.approx(math.exp(-3e-5 * 6100))
-    assert temperature_at(30_000, **SCHEDULE) == pytest.approx(max(0.5, math.exp(-0.9)))
-
-
-def test_schedule_floor_and_no_reset_across_epochs():
-    assert temperature_at(10**7, **SCHEDULE) == 0.5
-    # 600 steps per epoch: the first step of epoch 3 continues from epoch 2's last, it does not restart at 1.0
-    taus = [temperature_at(s, **SCHEDULE) for s in range(0, 6000, 100)]
-    assert all(a >= b for a, b in zip(taus, taus[1:])) and taus[-1] < taus[0]
-    assert temperature_at(1200, **SCHEDULE) < temperature_at(599, **SCHEDULE)
-    # the paper's form max(0.5, exp(-r t)) with r = 1e-4, N = 1000
-    assert temperature_at(2500, temperature=1.0, temp_min=0.5, anneal_rate=1e-4, anneal_interval=1000) == \
-        pytest.approx(math.exp(-1e-4 * 2000))

@@ -3,7 +3,8 @@ log p(x) = logsumexp_z [log p(x|z) + log p(z)] and the discrete ELBO E_q[log p(x
 summed exactly (float64) and the Monte Carlo estimators compared with them.
 
 The model keeps CategoricalVAE's interface (encode / decode / log_prior) with one-layer encoder and decoder:
-the metrics see nothing else, and the tests run in seconds.
+the metrics see nothing else, and the tests run in seconds. The importance-weighted bound stops between chunks when
+asked to.
 """
 import itertools
 import math
@@ -13,6 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from support import StopAfter
 from vae.core import metrics
 from vae.data.device_data import DeviceSplit
 from vae.core.model import IMAGE_PIXELS, CategoricalVAE
@@ -207,3 +209,19 @@ def test_evaluate_split_discrete_elbo_is_unbiased(tiny):
     # sample or dropping the KL moves it by far more.
     assert got["elbo_discrete"] == pytest.approx(nelbo.mean().item(), abs=0.08)
     assert got["loss"] == pytest.approx(got["bce"] + got["kl"], rel=1e-6)
+
+
+def test_iw_bound_stops_between_chunks():
+    from vae.core import metrics
+    from vae.data.device_data import DeviceSplit
+    from vae.core.model import CategoricalVAE
+
+    split = DeviceSplit(torch.randint(0, 256, (20, 28, 28), dtype=torch.uint8), torch.device("cpu"), "none")
+    model = CategoricalVAE(3, 4)
+    stop = StopAfter(3)
+    assert metrics.iw_bound(model, split, k=1000, chunk=10, batch_size=10, generator=torch.Generator(),
+                            should_stop=stop) is None
+    assert stop.asked == 3  # two chunks done, then stopped: not the 200 chunks of the whole split
+    full = metrics.iw_bound(model, split, k=20, chunk=10, batch_size=10, generator=torch.Generator().manual_seed(0))
+    assert full == metrics.iw_bound(model, split, k=20, chunk=10, batch_size=10,
+                                    generator=torch.Generator().manual_seed(0), should_stop=lambda: False)

@@ -37,3 +37,14 @@ def test_build_model_without_a_model_group_is_the_mlp():
     assert type(model) is CategoricalVAE and model.image_shape == (28, 28)
     assert isinstance(build_model({"latent_dim": 2, "categorical_dim": 3, "model": {"name": "conv", "hidden": [8]}}),
                       ConvCategoricalVAE)
+
+
+def test_model_shapes_and_unconstrained_logits():
+    model = CategoricalVAE(3, 4)
+    with torch.no_grad():
+        model.encoder[-1].bias.fill_(-5.0)  # a ReLU on the logits would turn these into 0
+    logits = model.encode(torch.rand(2, 784))
+    assert logits.shape == (2, 3, 4) and (logits < 0).any()
+    assert model.decode(torch.zeros(5, 3, 4)).shape == (5, 784)
+    assert not any(n == "prior_logits" for n, _ in model.named_parameters())
+    assert any(n == "prior_logits" for n, _ in CategoricalVAE(3, 4, prior="learned").named_parameters())

@@ -1,5 +1,6 @@
 """vae/training/plan.py: one plan per run. The checkpoint is read once, the settings are checked once, a resume in place
-keeps the whole run in its directory, and checkpoints written before the newer settings existed still resume."""
+keeps the whole run in its directory, and checkpoints written before the newer settings existed still resume.
+ValidateOnStart turns an unexpected failure of the checks into one line too."""
 from __future__ import annotations
 
 import json
@@ -7,7 +8,7 @@ import json
 import pytest
 import torch
 
-from support import compose_train, run_train, tiny_overrides, train_in_process
+from support import compose_train, run_train, tiny_overrides, train_in_process, validate_on_start
 
 
 def test_a_resumed_run_reads_its_checkpoint_once_and_checks_its_settings_once(tiny_data, tmp_path, monkeypatch):
@@ -107,3 +108,14 @@ def test_an_estimators_own_setting_given_on_resume_is_used(tiny_data, tmp_path):
     cfg = compose_train("debug=tiny", "+estimator_args.k=3", run_dir=tmp_path / "x")
     cfg = OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"])
     assert resume_config(cfg, ckpt, ["+estimator_args.k=3"]).estimator_args == {"k": 3}
+
+
+def test_an_unexpected_failure_in_the_start_up_checks_exits_too(tiny_data, tmp_path, capsys, monkeypatch):
+    import vae.training.plan
+
+    def broken(*a, **k):
+        raise ValueError("Overflow when unpacking long long")
+
+    monkeypatch.setattr(vae.training.plan, "make_plan", broken)
+    code, lines = validate_on_start(capsys, f"data.root={tiny_data}", run_dir=tmp_path / "run")
+    assert code == 1 and len(lines) == 1 and "ValueError: Overflow" in lines[0], lines

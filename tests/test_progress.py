@@ -1,12 +1,14 @@
 """vae/training/progress.py: the epoch's log line.
 
-Also: vae/training/progress.py: every signal that would end a run by default stops it cleanly instead (save, hint, status)."""
+Also: vae/training/progress.py: every signal that would end a run by default stops it cleanly instead (save, hint, status).
+A second signal changes nothing; one during start-up ends the run at once."""
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
 
+from support import interrupt_during, logged_past, long_overrides, tiny_overrides
 from vae.estimators import ESTIMATORS, make_estimator
 from vae.training.progress import ProgressBar
 import signal
@@ -44,7 +46,6 @@ def test_each_stopping_signal_sets_the_flag_and_its_shell_status(sig, status):
 
 def test_sighup_during_training_saves_and_says_how_to_resume(tmp_path):
     """An ssh session that closes sends SIGHUP: the run saves last.pt mid-epoch and exits 129."""
-    from test_robustness import interrupt_during, logged_past, long_overrides
     from idx import make_tiny_dataset
 
     data = tmp_path / "data"
@@ -57,3 +58,25 @@ def test_sighup_during_training_saves_and_says_how_to_resume(tmp_path):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert ckpt["epoch"] == 1 and 0 < ckpt["epoch_step"] < 500
     assert not list((run_dir / "checkpoints").glob(".tmp-*"))
+
+
+def test_a_second_signal_is_heard_and_changes_nothing(capsys):
+    import os
+
+    from vae.training.progress import StopFlag
+
+    with StopFlag() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(os.getpid(), signal.SIGINT)
+        assert stop() and stop.name in ("SIGINT", "SIGTERM")
+    assert "stopping, please wait" in capsys.readouterr().err
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # put back as it was
+
+
+def test_sigterm_during_start_up_exits_at_once_without_a_checkpoint(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = interrupt_during(tiny_overrides(tiny_data, run_dir, "epochs=1"), "run directory", signal.SIGTERM,
+                            delay=0.0)
+    assert proc.returncode == 143, proc.stdout
+    assert "stopped by SIGTERM during start-up; nothing to save" in proc.stdout and "Traceback" not in proc.stdout
+    assert not (run_dir / "checkpoints").exists()

@@ -1,13 +1,15 @@
-"""vae/sweep.py: the sweep summary ranks jobs by a number that compares across estimators and averages seeds."""
+"""vae/sweep.py: the sweep summary ranks jobs by a number that compares across estimators and averages seeds; it lists
+every job of `train.py -m`, failed and unfinished ones too, and `python -m vae.sweep` writes it again."""
 from __future__ import annotations
 
 import csv
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 
-from support import run_train, tiny_overrides
+from support import assert_complete_jobs, multirun, run_script, run_train, summary_rows, tiny_overrides
 from vae import sweep
 
 BASE = {"epochs": 1, "step": 6, "tau": 0.5}
@@ -114,3 +116,77 @@ def test_a_two_estimator_sweep_over_seeds_runs_and_is_summarised(tiny_data, tmp_
     means = [float(g["test_elbo_discrete_mean"]) for g in groups]
     assert means == sorted(means)
     assert "## Over seeds" in proc.stdout and "± " in proc.stdout and "Best first by test_elbo_discrete" in proc.stdout
+
+
+# --- sweeps through train.py -m: every job and the summary -----------------------------------------------------
+
+@pytest.fixture(scope="module")
+def grid_sweep(tiny_data, tmp_path_factory):
+    sweep_dir = tmp_path_factory.mktemp("grid") / "sweep"
+    proc = multirun(tiny_data, sweep_dir, "hard=true,false")
+    return sweep_dir, proc
+
+
+def test_multirun_writes_every_job_and_the_summary(grid_sweep):
+    sweep_dir, proc = grid_sweep
+    rows = assert_complete_jobs(sweep_dir, 2)
+    assert {r["hard"] for r in rows} == {"True", "False"}       # the swept key is a column
+    assert "data.verify" not in rows[0]                          # ... the fixed ones are not
+    assert "| job | status | hard" in proc.stdout and "tensorboard --logdir" in proc.stdout
+    assert sorted(Path(r["dir"]).parts[0].split("_")[0] for r in rows) == ["0", "1"]  # <num>_<overrides>
+
+
+def test_summary_cli_lists_unfinished_jobs(grid_sweep, tmp_path):
+    sweep_dir = tmp_path / "copy"
+    shutil.copytree(grid_sweep[0], sweep_dir, ignore=shutil.ignore_patterns("*.pt", "events.*"))
+    (sweep_dir / "summary.csv").unlink()
+    unfinished = sweep_dir / summary_rows(grid_sweep[0])[0]["dir"]
+    (unfinished / "metrics.json").unlink()                   # e.g. still running on the cluster
+    proc = run_script([str(sweep_dir)], script="vae.sweep", timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    rows = summary_rows(sweep_dir)
+    assert [r["status"] for r in rows] == ["done", "missing"] and rows[1]["test_loss"] == ""
+    assert "1 of 2 jobs have no metrics.json" in proc.stdout
+
+
+def test_summary_cli_rejects_a_directory_without_jobs(tmp_path):
+    proc = run_script([str(tmp_path)], script="vae.sweep", timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_summary_ranks_finished_jobs_and_puts_diverged_ones_last(tmp_path):
+    def job(num, overrides, metrics):
+        d = tmp_path / f"{num}_{','.join(overrides)}"
+        (d / ".hydra").mkdir(parents=True)
+        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
+        if metrics is not None:
+            (d / "metrics.json").write_text(json.dumps({**metrics, "overrides": overrides}))
+
+    base = {"epochs": 1, "step": 6, "tau": 0.5}
+    job(0, ["lr=0.1", "seed=1"], {"test_loss": float("nan"), "test_elbo_discrete": float("nan"), **base})
+    job(1, ["lr=0.001", "seed=1"], {"test_loss": 90.0, "test_elbo_discrete": 95.0, "test_iw_bound": 88.0, **base})
+    job(2, ["lr=0.01", "seed=1"], {"test_loss": 80.0, "test_elbo_discrete": 85.0, **base})
+    job(3, ["lr=0.0001", "seed=1"], None)
+    jobs = sweep.summarize(tmp_path, echo=False)
+    assert [j.num for j in sweep.ranked(jobs)] == [2, 1, 0, 3]
+    rows = summary_rows(tmp_path)
+    assert list(rows[0])[:6] == ["job", "status", "lr", "test_loss", "test_elbo_discrete", "test_iw_bound"]
+    assert rows[1]["test_iw_bound"] == "88.0" and rows[0]["test_iw_bound"] == ""
+    text = (tmp_path / "summary.md").read_text()
+    assert "Same in every job: `seed=1`" in text and "Best: job 2 (`lr=0.01`)" in text
+
+
+def test_a_failed_job_is_listed_in_the_sweep_summary(tiny_data, tmp_path):
+    import csv
+
+    sweep_dir = tmp_path / "sweep"
+    args = [a for a in tiny_overrides(tiny_data, tmp_path / "unused") if not a.startswith("hydra.run.dir")]
+    proc = run_train(["-m", *args, "debug=tiny", f"hydra.sweep.dir={sweep_dir}", "temperature=1.0,-1"])
+    assert proc.returncode == 1
+    assert "Traceback" not in proc.stderr, proc.stderr
+    assert f"every job that ran is listed in {sweep_dir / 'summary.md'}" in proc.stderr
+    rows = {r["temperature"]: r for r in csv.DictReader((sweep_dir / "summary.csv").open())}
+    assert rows["1.0"]["status"] == "done" and float(rows["1.0"]["test_loss"]) > 0
+    assert rows["-1"]["status"] == "failed" and rows["-1"]["error"].startswith("temperature=-1.0 is not allowed")
+    summary = (sweep_dir / "summary.md").read_text()
+    assert "| failed |" in summary and "Job 1 (`temperature=-1`) failed: temperature=-1.0 is not allowed" in summary

@@ -1,15 +1,25 @@
-"""End-to-end runs of train.py on tiny generated data: one real process (Hydra's own files, the log), the rest in
-process."""
+"""End-to-end runs of train.py on tiny generated data: in process, or as a real process where one is needed (Hydra's
+own files, the log, signals). Also the paths the README promises (exact resume, the importance-weighted bound at the
+end of training) and how a run ends when it must stop (a signal, a non-finite loss, out of memory)."""
 from __future__ import annotations
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from support import run_train, tiny_overrides, train_in_process
+from idx import make_tiny_dataset
+from support import (REPO, copy_run, interrupt_during, logged_past, long_overrides, run_train, subprocess_env,
+                     tiny_overrides, train_in_process)
+from vae.common.errors import UserError
+from vae.training import checkpoint as ckpt_io
 
 SCALARS = {"train/loss", "train/bce", "train/kl", "train/temperature", "test/loss", "test/elbo_discrete",
            "train/grad_norm", "latents/perplexity", "latents/active", "latents/confidence"}
@@ -155,3 +165,261 @@ def test_checkpoints_record_the_md5s_of_the_test_files(hard_run, tiny_data):
     ckpt = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     sums = md5_sums(tiny_data / "MNIST" / "raw")
     assert ckpt["data_md5"] == {k: sums[k] for k in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+# --- paths the README promises, run in process ---------------------------------------------------------------
+
+def stop_after(monkeypatch, step: int, sig=signal.SIGTERM) -> None:
+    """Make the next in-process run receive `sig` once it has taken `step` steps: train.py's own handler (StopFlag)
+    then stops it after that step, saves a checkpoint and exits with 128 + sig, as `kill -TERM` would make it."""
+    import train as train_script
+
+    class SignalAfter(train_script.ProgressBar):
+        def on_step(self, trainer):
+            super().on_step(trainer)
+            if trainer.state.step == step:
+                # without train.py's handler the signal would end pytest itself
+                assert signal.getsignal(sig) not in (signal.SIG_DFL, signal.SIG_IGN, None), "no handler for the signal"
+                os.kill(os.getpid(), sig)
+
+    monkeypatch.setattr(train_script, "ProgressBar", SignalAfter)
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def scalars(run_dir, tag):
+    return [(e.step, e.value) for e in events(run_dir).Scalars(tag)]
+
+
+@pytest.mark.parametrize("binarize", ["dynamic", "static"])
+def test_resume_mid_epoch_is_bitwise_identical(tiny_data, tmp_path, monkeypatch, binarize):
+    """Stopped by SIGTERM at step 9 (epoch 2, step 3 of 6; between two train/* scalars), resumed, it ends exactly
+    as the run that was never stopped: weights, learned prior, Adam's state, logged values."""
+    settings = ("epochs=2", "prior=learned", f"data.binarize={binarize}", "data.binarize_seed=3",
+                "anneal_interval=2", "anneal_rate=0.05")
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    train_in_process(tiny_data, straight, *settings)
+
+    stop_after(monkeypatch, 9)
+    with pytest.raises(SystemExit) as stopped:
+        train_in_process(tiny_data, broken, *settings)
+    assert stopped.value.code == 143
+    monkeypatch.undo()
+    ckpt = load(broken / "checkpoints" / "last.pt")
+    assert (ckpt["step"], ckpt["epoch"], ckpt["epoch_step"]) == (9, 1, 3)
+    assert ckpt["interval_sums"].abs().sum() > 0  # a half-done train/* interval is carried over
+
+    train_in_process(tiny_data, tmp_path / "unused", f"resume={broken / 'checkpoints' / 'last.pt'}")
+    a, b = load(straight / "checkpoints" / "last.pt"), load(broken / "checkpoints" / "last.pt")
+    assert a["step"] == b["step"] == 12
+    assert a["config"]["data"]["binarize"] == b["config"]["data"]["binarize"] == binarize
+    assert not torch.equal(a["model"]["prior_logits"], torch.zeros_like(a["model"]["prior_logits"]))  # learned
+    for k in a["model"]:
+        assert torch.equal(a["model"][k], b["model"][k]), k
+    for i, state in a["optimizer"]["state"].items():
+        for k, v in state.items():
+            assert torch.equal(b["optimizer"]["state"][i][k], v), (i, k)
+    for name, state in a["rng"].items():
+        assert torch.equal(b["rng"][name], state), name
+    for tag in ("train/loss", "train/temperature", "test/loss", "test/elbo_discrete"):
+        assert scalars(straight, tag) == scalars(broken, tag), tag
+
+
+@torch.no_grad()
+def exact_nll(model, x) -> float:
+    """-log p(x) = -log sum_z p(x|z) p(z), mean over the images x [B, 784], by enumerating every code (few here).
+    From the formulas, not from vae.core.metrics: log p(x|z) = sum_pixels x l - softplus(l) for decoder logits l."""
+    import itertools
+
+    import torch.nn.functional as F
+
+    n, k = model.latent_dim, model.categorical_dim
+    codes = torch.stack([F.one_hot(torch.tensor(c), k) for c in itertools.product(range(k), repeat=n)]).float()
+    logits = model.decode(codes)[:, None, :]                                    # [codes, 1, 784]
+    log_px_z = (x * logits - F.softplus(logits)).sum(-1)                        # [codes, B]
+    log_pz = (codes * model.log_prior()).sum((-2, -1))[:, None]                 # [codes, 1]
+    return -torch.logsumexp(log_px_z + log_pz, 0).double().mean().item()
+
+
+def test_iw_bound_at_the_end_of_training(tiny_data, tmp_path):
+    from omegaconf import OmegaConf
+
+    from vae.evaluate import EvaluateConfig, build_model, data_config, evaluate, load_test_split
+
+    run_dir = tmp_path / "run"
+    # 2 variables of 3 classes: 9 codes, so -log p(x) of the trained model is known exactly
+    m = train_in_process(tiny_data, run_dir, "epochs=1", "latent_dim=2", "categorical_dim=3", "prior=learned",
+                         "eval.iw_samples=20", "eval.iw_chunk=8")
+    iw, elbo = m["test_iw_bound"], m["test_elbo_discrete"]
+    last = run_dir / "checkpoints" / "last.pt"
+    ckpt = load(last)
+    test = load_test_split(data_config(ckpt, last, None), torch.device("cpu"))
+    nll = exact_nll(build_model(ckpt, last), torch.cat(list(test.batches(100))))
+    # -log p(x) <= E[IW bound, k=20] <= discrete -ELBO. Over 100 images the estimates' noise is a small fraction
+    # of a nat; a missing log k would put the bound log 20 = 3.0 nats low, below -log p(x).
+    assert math.isfinite(iw) and nll - 0.2 < iw <= elbo + 0.5, (nll, iw, elbo)
+    logged = scalars(run_dir, "test/iw_bound")
+    assert logged == [(m["step"], pytest.approx(iw, rel=1e-6))]
+    # The number `python -m vae.evaluate` gives for the final checkpoint with the same k, chunk, batches and seed.
+    again = evaluate(OmegaConf.merge(OmegaConf.structured(EvaluateConfig), {
+        "checkpoint": str(last), "iw_samples": 20, "iw_chunk": 8, "batch_size": 50, "seed": 0, "device": "cpu"}))
+    assert again["metrics"]["iw_bound"] == iw
+    assert again["metrics"]["loss"] == m["test_loss"] and again["metrics"]["elbo_discrete"] == elbo
+
+
+# --- signals, a non-finite loss, out of memory: a run that must stop keeps what is done --------------------------
+
+@pytest.fixture(scope="module")
+def long_data(tmp_path_factory):
+    """Enough images for 500 steps per epoch at batch_size=4: time to land a signal mid-epoch."""
+    root = tmp_path_factory.mktemp("long")
+    make_tiny_dataset(root, n_train=2000, n_test=40, seed=1)
+    return root
+
+
+def model_of(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["model"]
+
+
+def test_sigterm_mid_epoch_then_resume_is_bitwise_identical(long_data, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    proc = run_train(long_overrides(long_data, straight, "epochs=4"))
+    assert proc.returncode == 0, proc.stderr
+
+    proc = interrupt_during(long_overrides(long_data, broken, "epochs=4"), "epoch 1/4", signal.SIGTERM,
+                            ready=logged_past(broken, 500))
+    assert proc.returncode == 143, proc.stdout
+    assert "resume=" in proc.stdout and "SIGTERM" in proc.stdout
+    ckpt = torch.load(broken / "checkpoints" / "last.pt", weights_only=True)
+    assert ckpt["epoch"] == 1 and 0 < ckpt["epoch_step"] < 500, (ckpt["epoch"], ckpt["epoch_step"])
+
+    proc = run_train([f"resume={broken / 'checkpoints' / 'last.pt'}", f"hydra.run.dir={tmp_path / 'again'}"])
+    assert proc.returncode == 0, proc.stderr
+    a, b = model_of(straight / "checkpoints" / "last.pt"), model_of(broken / "checkpoints" / "last.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # TensorBoard: the same scalar steps as the uninterrupted run, none twice
+    assert scalar_steps(broken, "train/loss") == scalar_steps(straight, "train/loss")
+    assert scalar_steps(broken, "test/loss") == scalar_steps(straight, "test/loss")
+
+
+def test_ctrl_c_saves_and_exits_130(long_data, tmp_path):
+    run_dir = tmp_path / "run"
+    proc = interrupt_during(long_overrides(long_data, run_dir, "epochs=3"), "epoch 1/3", signal.SIGINT,
+                            ready=logged_past(run_dir, 500))
+    assert proc.returncode == 130, proc.stdout
+    assert "Traceback" not in proc.stdout
+    ckpt = ckpt_io.load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    assert ckpt["step"] > 0
+    # Saved on the signal, mid-epoch 2: the epoch-1 checkpoint (step 500, epoch_step 0), written before the
+    # signal, would satisfy the check above on its own.
+    assert ckpt["epoch"] == 1 and 0 < ckpt["epoch_step"] < 500, (ckpt["epoch"], ckpt["epoch_step"])
+    assert ckpt["step"] == 500 + ckpt["epoch_step"] and ckpt["step"] % 500 != 0
+    # the event file was flushed and closed: the scalars written before the signal are readable
+    assert scalar_steps(run_dir, "train/loss")
+
+
+def test_non_finite_loss_stops_and_keeps_the_good_checkpoint(tiny_data, tmp_path):
+    run_dir = tmp_path / "run"
+    assert run_train(tiny_overrides(tiny_data, run_dir, "epochs=1")).returncode == 0
+    last = run_dir / "checkpoints" / "last.pt"
+    before = last.read_bytes()
+    proc = run_train([f"resume={last}", "epochs=3", "lr=1e30", f"hydra.run.dir={tmp_path / 'r2'}"])
+    assert proc.returncode == 3, proc.stderr
+    message = proc.stderr.strip().splitlines()[-1]
+    assert "NaN" in message and "at step" in message and "lr" in message and "temp_min" in message
+    assert "Traceback" not in proc.stderr
+    assert last.read_bytes() == before
+    assert torch.isfinite(torch.cat([v.flatten().float() for v in model_of(last).values()])).all()
+
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate memory: you tried to "
+           "allocate 102400000000 bytes. Error code 12 (Cannot allocate memory)")
+
+
+def test_out_of_memory_names_the_settings_that_size_it(tiny_data, tmp_path, monkeypatch):
+    from vae.core import metrics
+    from vae.training.trainer import Trainer
+
+    def no_memory(*a, **k):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setattr(metrics, "iw_bound", no_memory)
+    with pytest.raises(UserError, match=r"out of memory in the importance-weighted bound.*eval.batch_size=50 x "
+                                        r"eval.iw_chunk=100"):
+        train_in_process(tiny_data, tmp_path / "iw", "eval.iw_samples=10")
+    monkeypatch.setattr(Trainer, "fit", no_memory)
+    with pytest.raises(UserError, match=r"out of memory while training.*batch_size=50.*latent_dim x categorical_dim"):
+        train_in_process(tiny_data, tmp_path / "fit")
+
+
+def test_sigterm_during_the_final_iw_bound_stops_at_once_and_keeps_what_is_done(tiny_data, tmp_path):
+    # k=200000 on 100 test images takes minutes here; the stop must take seconds.
+    run_dir = tmp_path / "run"
+    args = tiny_overrides(tiny_data, run_dir, "epochs=1", "eval.iw_samples=200000")
+    proc = subprocess.Popen([sys.executable, "train.py", *args], cwd=REPO, env=subprocess_env(), text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    out = []
+    for line in proc.stdout:
+        out.append(line)
+        if "epoch 1/1 |" in line:  # the last log line before the bound
+            break
+    time.sleep(1.0)
+    proc.send_signal(signal.SIGTERM)
+    t0 = time.monotonic()
+    rest, _ = proc.communicate(timeout=120)
+    output = "".join(out) + rest
+    assert time.monotonic() - t0 < 15, output
+    assert proc.returncode == 143, output
+    assert "Traceback" not in output
+    assert "python -m vae.evaluate checkpoint=" in output
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["epochs"] == 1 and "test_loss" in metrics and "test_iw_bound" not in metrics
+    assert "SIGTERM" in metrics["stopped"]
+    assert ckpt_io.load_checkpoint(run_dir / "checkpoints" / "last.pt")["epoch"] == 1
+
+
+def test_resuming_a_finished_run_reports_its_own_numbers_and_keeps_its_metrics(finished_run, tiny_data, tmp_path,
+                                                                               caplog):
+    from omegaconf import OmegaConf
+
+    import train as train_script
+    from support import compose_train
+    from hydra.core.hydra_config import HydraConfig
+    from vae.evaluate import EvaluateConfig, evaluate
+
+    run_dir = copy_run(finished_run, tmp_path / "run")
+    last = run_dir / "checkpoints" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["tau"] < 1.0  # annealed: a test pass at the schedule's start would differ
+    before = (run_dir / "metrics.json").read_text()
+    original = json.loads(before)
+
+    cfg = compose_train("debug=tiny", f"data.root={tiny_data}", f"hydra.run.dir={tmp_path / 'r2'}", f"resume={last}",
+                        run_dir=tmp_path / "r2")
+    HydraConfig.instance().set_config(cfg)
+    try:
+        with caplog.at_level("INFO", logger="train"):
+            loss = train_script.train(OmegaConf.masked_copy(cfg, [k for k in cfg if k != "hydra"]))
+    finally:
+        HydraConfig.instance().cfg = None
+    assert loss == original["test_loss"]                      # the saved tau, the saved weights: the same number
+    assert (run_dir / "metrics.json").read_text() == before  # its overrides and timings are the run's own
+    assert "metrics.json kept as it was" in caplog.text
+    # ... and vae.evaluate scores the same checkpoint the same way (same batches, same seed)
+    result = evaluate(OmegaConf.merge(OmegaConf.structured(EvaluateConfig), {
+        "checkpoint": str(last), "device": "cpu", "batch_size": 50, "iw_samples": 2}))
+    assert result["tau"] == saved["tau"] and result["metrics"]["loss"] == pytest.approx(loss, rel=1e-6)
+
+
+def test_divergence_before_the_first_checkpoint_says_none_was_written(tiny_data, tmp_path):
+    from vae.common.errors import TrainingDiverged
+
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingDiverged) as e:
+        train_in_process(tiny_data, run_dir, "lr=1e30")
+    assert str(e.value).endswith("no checkpoint had been written yet") and "was kept" not in str(e.value)
+    assert not (run_dir / "checkpoints" / "last.pt").exists()

@@ -1,5 +1,6 @@
-"""docs/data.md's promises: the copy-paste example of "Your own data" runs as printed (its array and its folder
-variant, cut to one epoch), and the table of validation-split defaults is what the configs say."""
+"""The docs' promises. docs/data.md: the copy-paste example of "Your own data" runs as printed (its array and its
+folder variant, cut to one epoch), and the table of validation-split defaults is what the configs say.
+docs/estimators.md and the README: the tables of a published study are its numbers."""
 from __future__ import annotations
 
 import re
@@ -57,3 +58,25 @@ def test_the_own_data_example_runs_as_printed(tmp_path):
 def test_validation_defaults_are_the_documented_ones(overrides, val_size):
     assert compose_train(*overrides).data.val_size == val_size
     assert "`data.val_size`" in DOC.read_text()
+
+
+def test_the_docs_tables_of_a_published_study_are_its_numbers():
+    """docs/estimators.md and the README quote docs/results/<study>/results.json, mean ± std and n as the study's
+    own table prints them (vae.study.tables), row for row."""
+    import json
+
+    from vae.study import tables
+
+    docs = (REPO / "docs" / "estimators.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    studies = sorted((REPO / "docs" / "results").glob("*/results.json"))
+    assert studies
+    for path in studies:
+        rows = json.loads(path.read_text())["rows"]
+        printed = tables(rows)
+        assert (path.parent / "results.md").read_text().strip() == printed.strip()
+        for line in (ln for ln in printed.splitlines() if ln.startswith("| `")):
+            assert line in docs, line
+        for row in rows:  # every finished row's mean is quoted in the README too
+            if row.get("test_elbo_discrete"):
+                assert f"{row['test_elbo_discrete']['mean']:.2f}" in readme, row["estimator"]

@@ -1,5 +1,6 @@
 """The shape of the code base: no import cycles (function-level imports included), short modules, a short entry
-point and a README that fits its purpose. Cheap to check, and easy to lose one small change at a time."""
+point, a README that fits its purpose, and tests named after the module they test (tests/test_<module>.py; what
+tests the project as a whole is in tests/project/). Cheap to check, and easy to lose one small change at a time."""
 from __future__ import annotations
 
 import ast
@@ -69,3 +70,31 @@ def test_readme_fits_and_leads_with_results():
     assert len(text.encode()) <= MAX_README_BYTES
     first_screen = "\n".join(text.splitlines()[:40])
     assert "| result |" in first_screen.lower() or "results" in first_screen.lower()
+
+
+def module_names() -> set:
+    """The names a top-level tests/test_<name>.py may have: the stem of a vae/**/*.py file, the name of a package under
+    vae/ (for its __init__.py), or train (train.py)."""
+    vae = REPO / "vae"
+    stems = {p.stem for p in vae.rglob("*.py") if not p.stem.startswith("__")}
+    packages = {p.parent.name for p in vae.rglob("__init__.py") if p.parent != vae}
+    return stems | packages | {"train"}
+
+
+def test_every_test_file_is_named_after_the_module_it_tests():
+    names = module_names()
+    stray = sorted(p.name for p in (REPO / "tests").glob("test_*.py") if p.stem[len("test_"):] not in names)
+    assert stray == [], ("tests/test_<module>.py tests vae/**/<module>.py (a package's __init__.py: the package's "
+                         "name; train.py: train); what tests the project as a whole goes in tests/project/")
+
+
+def test_no_test_file_imports_conftest():
+    """Fixtures come from conftest.py by pytest's own lookup; helpers that tests import live in tests/support.py."""
+    importers = []
+    for path in sorted((REPO / "tests").rglob("*.py")):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Import) and any(a.name == "conftest" for a in node.names)) or \
+                    (isinstance(node, ast.ImportFrom) and node.module == "conftest"):
+                importers.append(f"{path.relative_to(REPO)}:{node.lineno}")
+    assert importers == []
+

@@ -93,25 +93,3 @@ def test_check_result_without_the_right_checkpoint(result_file, tmp_path):
     # A file that is not a result.
     (tmp_path / "bad.json").write_text(json.dumps({"metrics": {}}))
     assert script("check_result.py", tmp_path / "bad.json").returncode == 2
-
-
-def test_the_docs_tables_of_a_published_study_are_its_numbers():
-    """docs/estimators.md and the README quote docs/results/<study>/results.json, mean ± std and n as the study's
-    own table prints them (vae.study.tables), row for row."""
-    import json
-
-    from vae.study import tables
-
-    docs = (REPO / "docs" / "estimators.md").read_text()
-    readme = (REPO / "README.md").read_text()
-    studies = sorted((REPO / "docs" / "results").glob("*/results.json"))
-    assert studies
-    for path in studies:
-        rows = json.loads(path.read_text())["rows"]
-        printed = tables(rows)
-        assert (path.parent / "results.md").read_text().strip() == printed.strip()
-        for line in (ln for ln in printed.splitlines() if ln.startswith("| `")):
-            assert line in docs, line
-        for row in rows:  # every finished row's mean is quoted in the README too
-            if row.get("test_elbo_discrete"):
-                assert f"{row['test_elbo_discrete']['mean']:.2f}" in readme, row["estimator"]

@@ -1,4 +1,5 @@
-"""Shipping: the Docker image (checked without a Docker engine), sweeps on every launcher, and the sweep summary.
+"""Shipping: the Docker image (checked without a Docker engine) and sweeps on every launcher (the sweep summary
+itself: tests/test_sweep.py).
 
 Without an engine, the image is tested in parts: hadolint; the base image and the pip pins parsed out of the
 Dockerfile (they match requirements.txt, exist in the package registry and never pull torch in again); every COPY
@@ -8,7 +9,6 @@ commands of the docs use the image's paths. scripts/docker-smoke.sh builds and r
 """
 from __future__ import annotations
 
-import csv
 import fnmatch
 import json
 import os
@@ -24,8 +24,7 @@ import pytest
 from omegaconf import OmegaConf
 from packaging.requirements import Requirement
 
-from support import REPO, run_script, run_train, tiny_overrides
-from vae import sweep
+from support import REPO, assert_complete_jobs, multirun
 
 DOCKERFILE = REPO / "Dockerfile"
 # In requirements.txt but not installed by the Dockerfile: the image's own CUDA builds of torch/torchvision and its
@@ -319,95 +318,7 @@ def test_smoke_script_parses_and_pins_the_requirements():
     assert "scripts/docker-smoke.sh" in (REPO / ".ci" / "run").read_text()
 
 
-# --- sweeps -----------------------------------------------------------------------------------------------------
-
-TINY = ("epochs=1", "latent_dim=4")
-
-
-def multirun(tiny_data, sweep_dir: Path, *args: str, timeout=300) -> subprocess.CompletedProcess:
-    overrides = tiny_overrides(tiny_data, sweep_dir / "unused-run-dir", *TINY, f"hydra.sweep.dir={sweep_dir}", *args)
-    proc = run_train(["-m", *overrides], timeout=timeout)
-    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
-    return proc
-
-
-def summary_rows(sweep_dir: Path) -> list:
-    with (sweep_dir / "summary.csv").open(newline="") as f:
-        return list(csv.DictReader(f))
-
-
-def assert_complete_jobs(sweep_dir: Path, n: int) -> list:
-    rows = summary_rows(sweep_dir)
-    assert len(rows) == n and all(r["status"] == "done" for r in rows)
-    assert sorted(int(r["job"]) for r in rows) == list(range(n))
-    for r in rows:
-        run_dir = sweep_dir / r["dir"]
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        assert float(r["test_loss"]) == pytest.approx(metrics["test_loss"])
-        assert float(r["test_elbo_discrete"]) == pytest.approx(metrics["test_elbo_discrete"])
-        assert (run_dir / "checkpoints" / "last.pt").is_file()
-        assert list(run_dir.glob("events.out.tfevents.*"))
-    elbos = [float(r["test_elbo_discrete"]) for r in rows]
-    assert elbos == sorted(elbos)  # best first (by the discrete -ELBO: tests/test_sweep.py)
-    assert (sweep_dir / "summary.md").is_file()
-    return rows
-
-
-@pytest.fixture(scope="module")
-def grid_sweep(tiny_data, tmp_path_factory):
-    sweep_dir = tmp_path_factory.mktemp("grid") / "sweep"
-    proc = multirun(tiny_data, sweep_dir, "hard=true,false")
-    return sweep_dir, proc
-
-
-def test_multirun_writes_every_job_and_the_summary(grid_sweep):
-    sweep_dir, proc = grid_sweep
-    rows = assert_complete_jobs(sweep_dir, 2)
-    assert {r["hard"] for r in rows} == {"True", "False"}       # the swept key is a column
-    assert "data.verify" not in rows[0]                          # ... the fixed ones are not
-    assert "| job | status | hard" in proc.stdout and "tensorboard --logdir" in proc.stdout
-    assert sorted(Path(r["dir"]).parts[0].split("_")[0] for r in rows) == ["0", "1"]  # <num>_<overrides>
-
-
-def test_summary_cli_lists_unfinished_jobs(grid_sweep, tmp_path):
-    sweep_dir = tmp_path / "copy"
-    shutil.copytree(grid_sweep[0], sweep_dir, ignore=shutil.ignore_patterns("*.pt", "events.*"))
-    (sweep_dir / "summary.csv").unlink()
-    unfinished = sweep_dir / summary_rows(grid_sweep[0])[0]["dir"]
-    (unfinished / "metrics.json").unlink()                   # e.g. still running on the cluster
-    proc = run_script([str(sweep_dir)], script="vae.sweep", timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    rows = summary_rows(sweep_dir)
-    assert [r["status"] for r in rows] == ["done", "missing"] and rows[1]["test_loss"] == ""
-    assert "1 of 2 jobs have no metrics.json" in proc.stdout
-
-
-def test_summary_cli_rejects_a_directory_without_jobs(tmp_path):
-    proc = run_script([str(tmp_path)], script="vae.sweep", timeout=60)
-    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and "Traceback" not in proc.stderr
-
-
-def test_summary_ranks_finished_jobs_and_puts_diverged_ones_last(tmp_path):
-    def job(num, overrides, metrics):
-        d = tmp_path / f"{num}_{','.join(overrides)}"
-        (d / ".hydra").mkdir(parents=True)
-        (d / ".hydra" / "overrides.yaml").write_text("".join(f"- {o}\n" for o in overrides))
-        if metrics is not None:
-            (d / "metrics.json").write_text(json.dumps({**metrics, "overrides": overrides}))
-
-    base = {"epochs": 1, "step": 6, "tau": 0.5}
-    job(0, ["lr=0.1", "seed=1"], {"test_loss": float("nan"), "test_elbo_discrete": float("nan"), **base})
-    job(1, ["lr=0.001", "seed=1"], {"test_loss": 90.0, "test_elbo_discrete": 95.0, "test_iw_bound": 88.0, **base})
-    job(2, ["lr=0.01", "seed=1"], {"test_loss": 80.0, "test_elbo_discrete": 85.0, **base})
-    job(3, ["lr=0.0001", "seed=1"], None)
-    jobs = sweep.summarize(tmp_path, echo=False)
-    assert [j.num for j in sweep.ranked(jobs)] == [2, 1, 0, 3]
-    rows = summary_rows(tmp_path)
-    assert list(rows[0])[:6] == ["job", "status", "lr", "test_loss", "test_elbo_discrete", "test_iw_bound"]
-    assert rows[1]["test_iw_bound"] == "88.0" and rows[0]["test_iw_bound"] == ""
-    text = (tmp_path / "summary.md").read_text()
-    assert "Same in every job: `seed=1`" in text and "Best: job 2 (`lr=0.01`)" in text
-
+# --- sweeps on every launcher -------------------------------------------------------------------------------------
 
 def test_submitit_local_launcher(tiny_data, tmp_path):
     sweep_dir = tmp_path / "sweep"
