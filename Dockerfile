@@ -38,7 +38,7 @@ RUN apt-get update \
 
 # The pins of requirements.txt without torch and torchvision (the image's CUDA builds; none of these packages pulls
 # them in again), numpy (the image's own, which its torch was built against) and the test tools.
-# tests/test_ship.py checks that these pins match requirements.txt and that they resolve.
+# tests/project/test_ship.py checks that these pins match requirements.txt and that they resolve.
 RUN pip install --no-cache-dir \
         hydra-core==1.3.8 \
         omegaconf==2.3.1 \

@@ -8,7 +8,7 @@ A float32 x is subnormal when 0 < |x| < torch.finfo(torch.float32).tiny (1.18e-3
 values in slow microcode unless flush-to-zero / denormals-are-zero is on (`torch.set_flush_denormal(True)`).
 
 The script builds the default model and training exactly as train.py does (configs/config.yaml composed by
-Hydra: batch 100, Adam lr 1e-3 (fused, vae.training.engine.make_optimizer), 30 x 10 latents, soft Gumbel-softmax,
+Hydra: batch 100, Adam lr 1e-3 (fused, vae.core.optim.make_optimizer), 30 x 10 latents, soft Gumbel-softmax,
 tau from vae.core.schedule.tau_for, the seeded streams of vae.training.engine.make_generators, one randperm per epoch,
 vae.training.engine.TrainStep in eager mode), trains, and every K steps counts subnormals in
 
@@ -55,7 +55,8 @@ from torch.utils._pytree import tree_flatten  # noqa: E402
 
 from vae.data import load_splits  # noqa: E402
 from vae.data.device_data import make_splits  # noqa: E402
-from vae.training.engine import TrainStep, make_generators, make_optimizer  # noqa: E402
+from vae.core.optim import make_optimizer  # noqa: E402
+from vae.training.engine import TrainStep, make_generators  # noqa: E402
 from vae.core.model import CategoricalVAE  # noqa: E402
 from vae.core.schedule import tau_for  # noqa: E402
 

@@ -44,7 +44,7 @@ train seed0-eager seed=0 compile=false cuda_graph=false
 grep -E "^---|compiled/captured|epoch (1|10)/10|done:|rror|WARN" "$out/train.log"
 
 echo "== pytest -m gpu"
-timeout 200 $py -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$out/pytest.log" 2>&1
+timeout 200 $py -m pytest -m gpu -q -p no:cacheprovider tests/ > "$out/pytest.log" 2>&1
 echo "exit $?"; tail -n 15 "$out/pytest.log"
 
 echo "== profile of the eager and compiled steps"

@@ -58,7 +58,7 @@ timed eager compile=false cuda_graph=false
 grep -h "epoch 10/10\|epoch 1/10" "$runs"/time-*.log | sed 's/^.*\] - //' >> "$out/times.txt"
 
 echo "== 2. estimator tables (background), 3. pytest -m gpu"
-(timeout $(( $(left) - 25 )) $py -m pytest -m gpu -q -p no:cacheprovider tests/test_gpu.py > "$out/pytest.log" 2>&1
+(timeout $(( $(left) - 25 )) $py -m pytest -m gpu -q -p no:cacheprovider tests/ > "$out/pytest.log" 2>&1
  echo "pytest exit $?" >> "$out/pytest.log") &
 pytest_pid=$!
 # The tables through the study runner (python -m vae.study): one stable directory per cell, so a call cut short by

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Copy a study's aggregate (results.json, results.md, figures) and each finished cell's metrics.json and train.log
-# into docs/results/NAME/, where the docs' tables are checked against it (tests/test_results.py).
+# into docs/results/NAME/, where the docs' tables are checked against it (tests/project/test_docs.py).
 #
 #   scripts/publish-study.sh outputs/studies/reinmax reinmax-10x30-cpu
 set -euo pipefail

@@ -29,7 +29,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return run_dir / "checkpoints" / "best.pt"
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def finished_run(tiny_data, tmp_path_factory):
     """A finished 1-epoch run on tiny data whose temperature has annealed (tau at the end != temperature). Tests
     that write into a run use a copy."""

@@ -7,7 +7,8 @@ import torch
 from vae.core import metrics
 from vae.core.gumbel import sample_gumbel
 from vae.data.device_data import DeviceSplit
-from vae.training.engine import TrainStep, make_optimizer, pick_modes, set_lr_
+from vae.core.optim import make_optimizer, set_lr_
+from vae.training.engine import TrainStep, pick_modes
 from vae.estimators import make_estimator
 from vae.core.model import CategoricalVAE
 

@@ -550,7 +550,8 @@ def test_each_estimator_in_a_compiled_captured_train_step_matches_eager(name):
     losses step by step, the same weights and estimator state after them. A host sync inside batch_loss would make
     the capture fail; an estimator state read at a stale address would make the replays drift."""
     from vae.data.device_data import DeviceSplit
-    from vae.training.engine import TrainStep, make_optimizer
+    from vae.core.optim import make_optimizer
+    from vae.training.engine import TrainStep
 
     torch.backends.cuda.matmul.allow_tf32 = False
     device = torch.device("cuda")

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from support import run_train, tiny_overrides
+from support import REPO, run_train, tiny_overrides
 from vae.tools import sweep_plan
 from vae.common.errors import UserError
 
@@ -201,7 +201,7 @@ def test_the_default_sweep_directory_is_a_new_one(hydra_context, tiny_data, tmp_
     from omegaconf import OmegaConf
 
     cfg = multirun_config(tmp_path, data_root=tiny_data)
-    default = OmegaConf.load(Path(sweep_plan.__file__).parent.parent / "configs" / "config.yaml").hydra.sweep
+    default = OmegaConf.load(REPO / "configs" / "config.yaml").hydra.sweep
     assert OmegaConf.to_container(default, resolve=False)["dir"].startswith("${new_dir:")
     assert cfg.hydra.sweep.dir == str(tmp_path)  # an explicit one is taken as it is
 

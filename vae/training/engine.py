@@ -19,9 +19,7 @@ from typing import Optional
 import torch
 
 from vae.core.gumbel import sample_gumbel
-# The optimizers live in vae/core/optim.py; these names stay importable from here for older callers.
-from vae.core.optim import (compiles_optimizer, load_optimizer_state_, make_optimizer,  # noqa: F401
-                       reset_optimizer_state_, set_lr_)
+from vae.core.optim import compiles_optimizer, reset_optimizer_state_
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from vae.core import metrics
 from vae.training.checkpoint import FORMAT
 from vae.settings.config import estimator_name
-from vae.training.engine import (TrainStep, load_optimizer_state_, make_generators, make_optimizer, set_lr_)
+from vae.core.optim import load_optimizer_state_, make_optimizer, set_lr_
+from vae.training.engine import TrainStep, make_generators
 from vae.common.errors import TrainingDiverged, UserError, describe
 from vae.estimators import config_settings, estimator_class, make_estimator, takes_samples
 from vae.core.model import build_model
