@@ -26,7 +26,8 @@ from vae.data import data_fingerprint, dataset_title
 from vae.data.device_data import load_device_splits
 from vae.core.gumbel import sample_gumbel
 from vae.training.plan import take as take_plan
-from vae.training.progress import ProgressBar, StopFlag
+from vae.common.signals import StopFlag
+from vae.training.progress import ProgressBar
 from vae.training.rundir import locked, override, write_metrics
 
 log = logging.getLogger("train")

@@ -245,7 +245,7 @@ def format_table(result: Dict[str, Any]) -> str:
 
 
 def evaluate(cfg: DictConfig) -> Dict[str, Any]:
-    from vae.training.progress import StopFlag
+    from vae.common.signals import StopFlag
 
     with StopFlag() as stop:
         return run(cfg, stop)

@@ -1,76 +1,11 @@
-"""What the person at the terminal sees: a tqdm bar per epoch, one log line per epoch, and Ctrl-C / SIGTERM (and the
-other signals that end a process by default) that stop the run cleanly instead of killing it mid-write."""
+"""What the person at the terminal sees: a tqdm bar per epoch and one log line per epoch."""
 from __future__ import annotations
 
-import contextlib
 import logging
-import signal
-import sys
 
 from tqdm import tqdm
 
 log = logging.getLogger("train")
-
-# The signals that stop a run, each with its exit status as a shell reports it (128 + signal number): Ctrl-C,
-# SIGTERM (kill, SLURM's time limit), SIGHUP (the ssh session or terminal closed), SIGQUIT (Ctrl-\) and SIGUSR1 (a
-# cluster's "time is nearly up"). By default each would end the process at once, without a save and leaving a
-# half-written temporary checkpoint. SIGUSR2 is left to submitit, whose own handler it is.
-SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGQUIT: 131,
-               signal.SIGUSR1: 138}
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM (any signal of SIGNAL_EXIT) only set a flag: the step in flight finishes, then the run saves
-    and exits. Inside `at_once(...)` (start-up: nothing to save yet) a signal ends the process straight away
-    instead."""
-
-    def __init__(self):
-        self.signum = None
-        self._at_once = None  # what is going on, while a signal should end the process at once
-        self._previous = {s: signal.signal(s, self._handle) for s in SIGNAL_EXIT}
-
-    @contextlib.contextmanager
-    def at_once(self, doing: str):
-        """A signal inside the block (or before it) exits at once (130, 143...): for start-up work (reading data,
-        compiling the step) that has nothing to save and may take minutes."""
-        self._at_once = doing
-        try:
-            if self.signum is not None:
-                self._exit()
-            yield
-        finally:
-            self._at_once = None
-
-    def _exit(self):
-        doing, self._at_once = self._at_once, None
-        log.warning("stopped by %s %s; nothing to save", self.name, doing)
-        raise SystemExit(self.exit_code)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc) -> None:
-        """Put the previous handlers back (a run called in process, e.g. from a test, leaves no trace)."""
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-
-    def __call__(self) -> bool:
-        return self.signum is not None
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: let the user know we heard it
-            print("\nstopping, please wait...", file=sys.stderr, flush=True)
-        self.signum = signum
-        if self._at_once is not None:
-            self._exit()
-
-    @property
-    def exit_code(self) -> int:
-        return SIGNAL_EXIT[self.signum]
-
-    @property
-    def name(self) -> str:
-        return signal.Signals(self.signum).name
 
 
 class ProgressBar:
