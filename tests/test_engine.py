@@ -1,4 +1,4 @@
-"""vae/training/engine.py: the training step: fast modes learn what eager mode learns; resolving modes never crashes.
+"""vae/training/engine.py: the training step: fast modes learn what eager mode learns.
 On a CUDA GPU (skipped where none is visible; `pytest -m gpu` selects them), every TrainStep mode learns what the CPU
 learns and CUDA-graph replays draw fresh noise."""
 import pytest
@@ -8,7 +8,7 @@ from vae.core import metrics
 from vae.core.gumbel import sample_gumbel
 from vae.data.device_data import DeviceSplit
 from vae.core.optim import make_optimizer, set_lr_
-from vae.training.engine import TrainStep, pick_modes
+from vae.training.engine import TrainStep
 from vae.estimators import make_estimator
 from vae.core.model import CategoricalVAE
 
@@ -47,32 +47,6 @@ def test_compiled_training_agrees_with_eager_on_cpu():
     # tolerance, not bitwise; different noise or a wrong gradient would put them tens of nats apart.
     assert torch.allclose(torch.tensor(eager_losses), torch.tensor(compiled_losses), rtol=1e-3)
     assert abs(eager_test - compiled_test) < 1e-3 * abs(eager_test)
-
-
-def test_modes_resolve_per_device_and_refuse_what_cannot_run():
-    assert pick_modes(CPU, None, None) == (False, False)          # auto on a CPU: eager
-    assert pick_modes(CPU, True, True) == (True, False)           # no CUDA graphs without CUDA: warned, not fatal
-    cuda = torch.device("cuda")
-    assert pick_modes(cuda, None, None) == (True, True)  # auto on CUDA, length unknown: compile + CUDA graph
-    # Auto on CUDA compiles only a run long enough to repay the compilation; the CUDA graph is always worth it.
-    assert pick_modes(cuda, None, None, steps=6000, compile_min_steps=100000) == (False, True)
-    assert pick_modes(cuda, None, None, steps=100000, compile_min_steps=100000) == (True, True)
-    assert pick_modes(cuda, True, None, steps=10, compile_min_steps=100000) == (True, True)   # asked for: honoured
-    assert pick_modes(CPU, None, None, steps=10**9, compile_min_steps=0) == (False, False)    # never auto on a CPU
-
-
-def test_set_lr_writes_a_tensor_learning_rate_in_place():
-    # A captured CUDA graph reads the learning-rate tensor it was captured with: it must be changed in place. A float
-    # (or a tensor on another device, as loaded from a GPU checkpoint into a CPU run) is replaced by value.
-    model = torch.nn.Linear(2, 2)
-    lr = torch.tensor(0.1)
-    optimizer = torch.optim.Adam(model.parameters(), lr=lr, fused=True)
-    set_lr_(optimizer, 0.5)
-    assert optimizer.param_groups[0]["lr"] is lr and lr.item() == 0.5
-    optimizer = torch.optim.Adam(model.parameters(), lr=0.1, fused=True)
-    optimizer.param_groups[0]["lr"] = torch.tensor(0.1, device="meta")
-    set_lr_(optimizer, 0.2)
-    assert optimizer.param_groups[0]["lr"] == 0.2
 
 
 def test_the_rng_streams_are_named_once():

@@ -97,7 +97,7 @@ class BaselineRun:
 def main(cfg: DictConfig) -> None:
     """Train the textbook port for `epochs` whole epochs (the bench settings), one line per epoch."""
     from vae.settings.checks import resolve_device
-    from vae.training.engine import configure_device
+    from vae.training.device import configure_device
 
     validate(cfg)
     device = resolve_device(cfg.device)

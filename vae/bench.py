@@ -309,7 +309,7 @@ def format_table(result: Dict[str, Any]) -> str:
 
 
 def bench(cfg: DictConfig) -> Dict[str, Any]:
-    from vae.training.engine import configure_device, pick_modes
+    from vae.training.device import configure_device, pick_modes
 
     validate(cfg)
     device = resolve_device(cfg.device)

@@ -253,7 +253,7 @@ def evaluate(cfg: DictConfig) -> Dict[str, Any]:
 
 def run(cfg: DictConfig, stop) -> Dict[str, Any]:
     from vae.data import DataError
-    from vae.training.engine import configure_device
+    from vae.training.device import configure_device
 
     validate(cfg)
     device = resolve_device(cfg.device)

@@ -297,7 +297,7 @@ def load_batch(cfg: DictConfig, data_cfg: DictConfig, device: torch.device) -> t
 
 
 def run(cfg: DictConfig) -> Dict:
-    from vae.training.engine import configure_device
+    from vae.training.device import configure_device
 
     validate(cfg)
     device = resolve_device(cfg.device)

@@ -223,9 +223,9 @@ def check_job(task_cfg: DictConfig, job: List[str], checked_resumes: set) -> Opt
 
 def configure_process(task_cfg: DictConfig) -> None:
     """The math settings of the job that runs first, before any check may start PyTorch's thread pool (worker threads
-    copy the subnormal flush flag only from the thread that starts them; vae.training.engine.configure_device)."""
+    copy the subnormal flush flag only from the thread that starts them; vae.training.device.configure_device)."""
     from vae.settings.checks import resolve_device
-    from vae.training.engine import configure_device
+    from vae.training.device import configure_device
 
     try:
         device = resolve_device(task_cfg.device)

@@ -38,9 +38,9 @@ class RunPlan:
     overrides: Tuple[str, ...]      # the command line's overrides (metrics.json records them)
 
     def modes(self, steps: int) -> Tuple[bool, bool]:
-        """(compile, cuda_graph) for a run of `steps` steps: the device's policy (vae.training.engine.pick_modes) applied to
+        """(compile, cuda_graph) for a run of `steps` steps: the device's policy (vae.training.device.pick_modes) applied to
         the settings; the number of steps is known once the data is loaded."""
-        from vae.training.engine import pick_modes
+        from vae.training.device import pick_modes
 
         c = self.cfg
         return pick_modes(self.device, c.compile, c.cuda_graph, steps, c.compile_min_steps)
@@ -56,7 +56,7 @@ def make_plan(cfg: DictConfig, output_dir, overrides: Sequence[str] = (), *, con
     from vae.settings import checks
     from vae.training.checkpoint import load_checkpoint, resume_config
     from vae.settings.config import check_device_name, validate_ranges
-    from vae.training.engine import configure_device
+    from vae.training.device import configure_device
     from vae.training.rundir import run_dir_of
 
     if not configure:
