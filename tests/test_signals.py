@@ -57,3 +57,43 @@ def test_sigterm_during_start_up_exits_at_once_without_a_checkpoint(tiny_data, t
     assert proc.returncode == 143, proc.stdout
     assert "stopped by SIGTERM during start-up; nothing to save" in proc.stdout and "Traceback" not in proc.stdout
     assert not (run_dir / "checkpoints").exists()
+
+
+def test_a_signal_inside_at_once_exits_there_with_its_status_and_says_why(caplog):
+    with StopFlag() as stop, pytest.raises(SystemExit) as e, caplog.at_level("WARNING", logger="train"):
+        with stop.at_once("while testing"):
+            signal.raise_signal(signal.SIGTERM)
+            pytest.fail("the work went on after the signal")
+    assert e.value.code == 143
+    assert "stopped by SIGTERM while testing; nothing to save" in caplog.text
+
+
+def test_the_stop_is_logged_after_the_interrupted_write_not_inside_it():
+    """A signal that lands while the log is writing a line must not write the "stopped" line from inside that
+    write: Python refuses a reentrant write to a buffered stream, and the message would become a traceback."""
+    import logging
+
+    class Writer(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.depth, self.nested = 0, []
+
+        def emit(self, record):
+            self.depth += 1
+            try:
+                if self.depth > 1:
+                    self.nested.append(record.getMessage())
+                if record.getMessage() == "busy writing":
+                    signal.raise_signal(signal.SIGTERM)  # lands in the middle of this line's write
+            finally:
+                self.depth -= 1
+
+    writer, train_log = Writer(), logging.getLogger("train")
+    train_log.addHandler(writer)
+    try:
+        with StopFlag() as stop, pytest.raises(SystemExit):
+            with stop.at_once("during start-up"):
+                train_log.warning("busy writing")
+    finally:
+        train_log.removeHandler(writer)
+    assert writer.nested == []

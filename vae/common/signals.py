@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import signal
 import sys
 
@@ -15,6 +16,11 @@ log = logging.getLogger("train")
 # half-written temporary checkpoint. SIGUSR2 is left to submitit, whose own handler it is.
 SIGNAL_EXIT = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGHUP: 129, signal.SIGQUIT: 131,
                signal.SIGUSR1: 138}
+
+
+class _StopNow(BaseException):
+    """A stopping signal inside `StopFlag.at_once`: a BaseException, so that no `except Exception` on the way
+    swallows it."""
 
 
 class StopFlag:
@@ -34,13 +40,17 @@ class StopFlag:
         self._at_once = doing
         try:
             if self.signum is not None:
-                self._exit()
+                self._exit(doing)
             yield
+        except _StopNow:
+            # Said here, not in the signal handler: the signal may have interrupted a write to the very stream the
+            # log writes to, and Python refuses that reentrant write (the message would be lost to a traceback).
+            self._exit(doing)
         finally:
             self._at_once = None
 
-    def _exit(self):
-        doing, self._at_once = self._at_once, None
+    def _exit(self, doing: str):
+        self._at_once = None
         log.warning("stopped by %s %s; nothing to save", self.name, doing)
         raise SystemExit(self.exit_code)
 
@@ -57,10 +67,14 @@ class StopFlag:
 
     def _handle(self, signum, frame):
         if self.signum is not None:  # a second Ctrl-C: let the user know we heard it
-            print("\nstopping, please wait...", file=sys.stderr, flush=True)
+            try:
+                print("\nstopping, please wait...", file=sys.stderr, flush=True)
+            except RuntimeError:  # it interrupted a write to stderr (tqdm's bar): Python refuses a reentrant one
+                with contextlib.suppress(OSError):
+                    os.write(2, b"\nstopping, please wait...\n")
         self.signum = signum
         if self._at_once is not None:
-            self._exit()
+            raise _StopNow  # unwinds the interrupted work to at_once(), which says why and exits
 
     @property
     def exit_code(self) -> int:
