@@ -1,8 +1,10 @@
-"""The typed config schema and its range checks: the values alone, no files, no devices (those are vae/settings/checks.py).
+"""train.py's typed config schema, each setting declared with its rule (vae/settings/rules.py): the values alone, no
+files, no devices (those are vae/settings/checks.py).
 
 Hydra composes `configs/config.yaml` on top of the `Config` dataclass below, so an unknown key or a wrong
-type (`temperature=abc`) fails at composition time; `validate_ranges` gives every out-of-range value one line.
-Hydra lets `+key=` add, and `~key` delete, keys even so: vae/settings/schema.py finds both, for every command.
+type (`temperature=abc`) fails at composition time; `validate_ranges` checks every value against its rule, then
+what relates settings to each other, one line for the first that fails. Hydra lets `+key=` add, and `~key` delete,
+keys even so: vae/settings/schema.py finds both, for every command.
 """
 from __future__ import annotations
 
