@@ -193,12 +193,12 @@ def scalars(run_dir, tag):
     return [(e.step, e.value) for e in events(run_dir).Scalars(tag)]
 
 
-@pytest.mark.parametrize("binarize", ["dynamic", "static"])
-def test_resume_mid_epoch_is_bitwise_identical(tiny_data, tmp_path, monkeypatch, binarize):
+@pytest.mark.parametrize("binarize, lr_schedule", [("dynamic", "constant"), ("static", "cosine")])
+def test_resume_mid_epoch_is_bitwise_identical(tiny_data, tmp_path, monkeypatch, binarize, lr_schedule):
     """Stopped by SIGTERM at step 9 (epoch 2, step 3 of 6; between two train/* scalars), resumed, it ends exactly
-    as the run that was never stopped: weights, learned prior, Adam's state, logged values."""
+    as the run that was never stopped: weights, learned prior, Adam's state (its learning rate), logged values."""
     settings = ("epochs=2", "prior=learned", f"data.binarize={binarize}", "data.binarize_seed=3",
-                "anneal_interval=2", "anneal_rate=0.05")
+                "anneal_interval=2", "anneal_rate=0.05", f"lr_schedule={lr_schedule}")
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     train_in_process(tiny_data, straight, *settings)
 
@@ -221,6 +221,7 @@ def test_resume_mid_epoch_is_bitwise_identical(tiny_data, tmp_path, monkeypatch,
     for i, state in a["optimizer"]["state"].items():
         for k, v in state.items():
             assert torch.equal(b["optimizer"]["state"][i][k], v), (i, k)
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     for name, state in a["rng"].items():
         assert torch.equal(b["rng"][name], state), name
     for tag in ("train/loss", "train/temperature", "test/loss", "test/elbo_discrete"):

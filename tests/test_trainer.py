@@ -76,6 +76,23 @@ def test_radam_trains_resumes_bit_exactly_and_is_kept_on_resume(tiny_data, tmp_p
                          "optimizer=adam", "epochs=3")
 
 
+def test_cosine_lr_schedule_reaches_the_optimizer_and_is_logged(tiny_data, tmp_path):
+    """(Its bit-exact resume mid-epoch: tests/test_train.py test_resume_mid_epoch_is_bitwise_identical.)"""
+    from tb_events import steps_on_disk
+    from vae.core.schedule import lr_at
+
+    args = ("lr_schedule=cosine", "lr=2e-3", "log_interval=1")
+    straight = train_in_process(tiny_data, tmp_path / "a", *args, "epochs=2")
+    constant = train_in_process(tiny_data, tmp_path / "k", "lr=2e-3", "epochs=2")
+    assert straight["test_loss"] != constant["test_loss"]  # the schedule reached the optimizer
+    last = torch.load(tmp_path / "a" / "checkpoints" / "last.pt", weights_only=True)
+    total = last["step"]
+    assert last["optimizer"]["param_groups"][0]["lr"] == pytest.approx(
+        lr_at(total - 1, lr=2e-3, schedule="cosine", total_steps=total))  # the last step's, near 0
+    assert steps_on_disk(tmp_path / "a", "train/lr") == list(range(1, total + 1))
+    assert steps_on_disk(tmp_path / "k", "train/lr") == []  # a constant lr is the `lr` setting itself
+
+
 def test_conv_model_trains_and_resumes_bit_exactly(tiny_data, tmp_path):
     straight = train_in_process(tiny_data, tmp_path / "a", "model=conv", "epochs=2")
     train_in_process(tiny_data, tmp_path / "b", "model=conv", "epochs=1")

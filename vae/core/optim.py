@@ -44,18 +44,20 @@ def compiles_optimizer(device: torch.device, compile: bool) -> bool:
 
 
 def make_optimizer(model, lr: float, device: torch.device, cuda_graph: bool, compile: bool = False,
-                   spec: Optional[dict] = None):
+                   spec: Optional[dict] = None, lr_moves: bool = False):
     """The optimizer of `spec` (the `optimizer` config group: name, betas, eps, weight_decay; None = Adam with
     PyTorch's defaults, as before the group existed) for `model`'s parameters.
 
     For a captured step the learning rate is a 0-d device tensor, like tau: every replay reads it, so `set_lr_`
-    changes it without a new capture (a float would be baked into the graph)."""
+    changes it without a new capture (a float would be baked into the graph). So it is for a compiled step whose
+    learning rate moves (`lr_moves`, a schedule): Dynamo guards on a float and would recompile at every change."""
     spec = dict(spec or {"name": "adam"})
     build = OPTIMIZERS[spec.pop("name")]
     kw = {k: (tuple(v) if k == "betas" else v) for k, v in spec.items()}
-    if cuda_graph and device.type == "cuda":
+    compiled = compiles_optimizer(device, compile)
+    if device.type == "cuda" and (cuda_graph or (compiled and lr_moves)):  # both capturable: a tensor lr is allowed
         lr = torch.tensor(lr, device=device)
-    return build(model.parameters(), lr, kw, device, cuda_graph, compiles_optimizer(device, compile))
+    return build(model.parameters(), lr, kw, device, cuda_graph, compiled)
 
 
 def set_lr_(optimizer, lr: float) -> None:

@@ -18,6 +18,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from vae.common.errors import UserError
+from vae.core.schedule import LR_SCHEDULES
 from vae.settings.rules import (DEVICE, IMAGES, SEED, THREADS, Rule, check, check_schema, each_of, fraction_or_count,
                                  integer, number, one_of, setting)
 from vae.settings.schema import undeclared_settings
@@ -185,6 +186,8 @@ class Config:
     batch_size: int = setting(100, integer(1))
     epochs: int = setting(10, integer(0))
     lr: float = setting(1e-3, number(above=0))
+    # constant | cosine: half a cosine from `lr` to 0 over the run's steps (vae/core/schedule.py).
+    lr_schedule: str = setting("constant", one_of(LR_SCHEDULES))
     seed: int = setting(0, SEED)
     device: str = setting("auto", DEVICE)
     # null = pick per device: on for CUDA, off for CPU (where compile time outweighs the gain on a short run).

@@ -165,6 +165,8 @@ class TensorBoardLog:
             for tag, value in zip(("loss", "bce", "kl"), means):
                 self.writer.add_scalar(f"train/{tag}", value, step)
             self.writer.add_scalar("train/temperature", trainer.state.tau, step)
+            if trainer.cfg.get("lr_schedule", "constant") != "constant":
+                self.writer.add_scalar("train/lr", trainer.lr, step)
             if grad_norm is not None:
                 self.writer.add_scalar("train/grad_norm", grad_norm, step)
 

@@ -151,7 +151,9 @@ class MlflowTracker:
     def on_interval(self, trainer, means: List[float], grad_norm: Optional[float]) -> None:
         loss, bce, kl = means
         self._log({"train/loss": loss, "train/bce": bce, "train/kl": kl, "train/temperature": trainer.state.tau,
-                   "train/grad_norm": grad_norm}, trainer.state.step)
+                   "train/grad_norm": grad_norm,
+                   "train/lr": trainer.lr if trainer.cfg.get("lr_schedule", "constant") != "constant" else None},
+                  trainer.state.step)
 
     def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
         keys = ("loss", "bce", "kl", "elbo_discrete")

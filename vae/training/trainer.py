@@ -24,7 +24,7 @@ from vae.training.engine import TrainStep, make_generators
 from vae.common.errors import TrainingDiverged, UserError, describe
 from vae.estimators import config_settings, estimator_class, make_estimator, takes_samples
 from vae.core.model import build_model
-from vae.core.schedule import tau_for
+from vae.core.schedule import lr_for, tau_for
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +93,7 @@ class Trainer:
     def __post_init__(self):
         cfg, device = self.cfg, self.device
         self.steps_per_epoch = self.train_split.n // cfg.batch_size  # full batches: fixed shapes for compile/graphs
+        self.total_steps = cfg.epochs * self.steps_per_epoch  # the learning-rate schedule's length
         if self.steps_per_epoch == 0:
             raise UserError(f"batch_size={cfg.batch_size} is larger than the training set ({self.train_split.n} "
                             f"images); use batch_size<={self.train_split.n}")
@@ -103,6 +104,7 @@ class Trainer:
         self.estimator = make_estimator(estimator_name(cfg), config_settings(estimator_name(cfg), cfg), device)
         self.state = TrainState(gens, tau_for(cfg, 0), torch.zeros(3, device=device), torch.zeros(3, device=device))
         self.tau_t = torch.tensor(self.state.tau, device=device)  # what the (compiled, captured) step reads
+        self.lr = cfg.lr  # the optimizer's learning rate now (lr_schedule moves it)
         self.check_every = 1 if device.type == "cpu" else cfg.log_interval  # a sync per step is free on a CPU only
         self.train_seconds = 0.0  # this process's time in training steps (no test passes, images or checkpoints)
         self.build_seconds = 0.0
@@ -132,7 +134,10 @@ class Trainer:
                      self.build_seconds)
         if self._saved_optimizer is not None:
             load_optimizer_state_(self.optimizer, self._saved_optimizer)
-            set_lr_(self.optimizer, self.cfg.lr)  # the saved state carries the old lr; `resume=... lr=...` changes it
+        # The saved state carries the old lr (`resume=... lr=...` changes it); a schedule starts where the step is.
+        self.lr = lr_for(self.cfg, self.state.step, self.total_steps)
+        if self._saved_optimizer is not None or self.lr != self.cfg.lr:
+            set_lr_(self.optimizer, self.lr)
 
     def _build_step(self) -> None:
         """The step's warm-up (compile) or capture changes weights, Adam's state and the random streams, and puts
@@ -140,7 +145,8 @@ class Trainer:
         cfg, gens = self.cfg, self.state.gens
         if self.optimizer_factory is None:
             spec = OmegaConf.to_container(cfg.optimizer) if "optimizer" in cfg else None
-            self.optimizer = make_optimizer(self.model, cfg.lr, self.device, self.cuda_graph, self.compile, spec)
+            self.optimizer = make_optimizer(self.model, cfg.lr, self.device, self.cuda_graph, self.compile, spec,
+                                            lr_moves=cfg.get("lr_schedule", "constant") != "constant")
         else:
             self.optimizer = self.optimizer_factory(self.model, cfg.lr, self.device, self.cuda_graph, self.compile)
         binarize_gen = gens["binarize"] if self.train_split.binarize == "dynamic" else None
@@ -184,10 +190,11 @@ class Trainer:
             for k, v in self.model.state_dict().items():
                 v.copy_(ckpt["model"][k])
         self._saved_optimizer = ckpt["optimizer"]
+        self.state.load_state_dict(ckpt)
         if self.optimizer is not None:
             load_optimizer_state_(self.optimizer, ckpt["optimizer"])
-            set_lr_(self.optimizer, self.cfg.lr)
-        self.state.load_state_dict(ckpt)
+            self.lr = lr_for(self.cfg, self.state.step, self.total_steps)
+            set_lr_(self.optimizer, self.lr)
         self.estimator.load_state_dict(ckpt.get("estimator") or {})
         self.tau_t.fill_(self.state.tau)
         self._perm = None
@@ -207,6 +214,10 @@ class Trainer:
             if tau != s.tau:  # a fill only when the schedule moves (every anneal_interval steps)
                 s.tau = tau
                 self.tau_t.fill_(tau)
+            lr = lr_for(cfg, s.step, self.total_steps)
+            if lr != self.lr:  # never with the constant schedule
+                self.lr = lr
+                set_lr_(self.optimizer, lr)
             log_now = (s.step + 1) % cfg.log_interval == 0
             stats, grad_norm = self.step_fn(self._perm[s.epoch_step * bs:(s.epoch_step + 1) * bs], self.tau_t,
                                             log_now)
