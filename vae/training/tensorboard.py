@@ -126,6 +126,7 @@ class TensorBoardLog:
             threading.excepthook = _quiet_writer_thread
         self.recon_x, self.prior_noise = recon_x, prior_noise  # fixed inputs: epochs compare picture to picture
         self.test_split, self.cfg = test_split, cfg
+        self.log_lr = cfg is not None and cfg.get("lr_schedule", "constant") != "constant"  # else it is `lr` itself
 
     def _writer_path(self) -> str:
         """The run directory as TensorBoard can name it. TensorBoard encodes a path as UTF-8 in some calls and in the
@@ -165,7 +166,7 @@ class TensorBoardLog:
             for tag, value in zip(("loss", "bce", "kl"), means):
                 self.writer.add_scalar(f"train/{tag}", value, step)
             self.writer.add_scalar("train/temperature", trainer.state.tau, step)
-            if trainer.cfg.get("lr_schedule", "constant") != "constant":
+            if self.log_lr:
                 self.writer.add_scalar("train/lr", trainer.lr, step)
             if grad_norm is not None:
                 self.writer.add_scalar("train/grad_norm", grad_norm, step)

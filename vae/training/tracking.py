@@ -71,6 +71,7 @@ class MlflowTracker:
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.uri = tracking_uri(cfg.tracker.tracking_uri)
+        self.log_lr = cfg.get("lr_schedule", "constant") != "constant"  # a constant lr is the `lr` parameter itself
         if self.uri.startswith("file:"):
             # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked; it is the store that
             # works with no server and no database, which is what an offline tracker needs.
@@ -152,7 +153,7 @@ class MlflowTracker:
         loss, bce, kl = means
         self._log({"train/loss": loss, "train/bce": bce, "train/kl": kl, "train/temperature": trainer.state.tau,
                    "train/grad_norm": grad_norm,
-                   "train/lr": trainer.lr if trainer.cfg.get("lr_schedule", "constant") != "constant" else None},
+                   "train/lr": trainer.lr if self.log_lr else None},
                   trainer.state.step)
 
     def on_epoch_end(self, trainer, test: dict, is_best: bool, seconds: float) -> None:
