@@ -1,6 +1,6 @@
 """The CUDA paths across modules: train.py runs end to end on the GPU in every fast mode (compile, CUDA graphs), a
-resume with a new lr reaches the captured step, and the conv model and RAdam compile and capture. Skipped where no
-CUDA GPU is visible (`pytest -m gpu` selects only these and the GPU tests in the modules' own files)."""
+resume with a new lr reaches the captured step, the conv model and RAdam compile and capture, and a cosine learning
+rate reaches the compiled and captured step. Skipped where no CUDA GPU is visible (`pytest -m gpu` selects only these and the GPU tests in the modules' own files)."""
 from __future__ import annotations
 
 import json
@@ -63,3 +63,26 @@ def test_the_conv_model_and_radam_compile_and_capture_on_the_gpu(tiny_data, tmp_
     assert proc.returncode == 0, proc.stderr[-2000:]
     resumed = json.loads((tmp_path / "half" / "metrics.json").read_text())
     assert resumed["epochs"] == 2 and abs(resumed["test_loss"] - fast["test_loss"]) < 1e-3
+
+
+@pytest.mark.parametrize("modes", [["compile=true", "cuda_graph=true"], ["compile=false", "cuda_graph=true"],
+                                   ["compile=true", "cuda_graph=false"]], ids=["compile+graph", "graph", "compile"])
+def test_a_cosine_lr_reaches_the_compiled_and_captured_step(tiny_data, tmp_path, modes):
+    """lr_schedule=cosine moves a learning rate that a captured graph reads from its tensor and a compiled Adam holds
+    in one (a float would be baked in, or recompiled at every step): every fast mode learns what eager CUDA learns."""
+    from vae.core.schedule import lr_at
+
+    def run(name, *args):
+        proc = run_train(tiny_overrides(tiny_data, tmp_path / name, "device=cuda", "epochs=2", "lr=1e-2", *args))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "failed here" not in proc.stderr + proc.stdout
+        ckpt = torch.load(tmp_path / name / "checkpoints" / "last.pt", map_location="cpu", weights_only=True)
+        return json.loads((tmp_path / name / "metrics.json").read_text())["test_loss"], ckpt
+
+    eager, _ = run("eager", "lr_schedule=cosine", "compile=false", "cuda_graph=false")
+    constant, _ = run("constant", "compile=false", "cuda_graph=false")
+    fast, ckpt = run("fast", "lr_schedule=cosine", *modes)
+    assert abs(fast - eager) < 1.0 and abs(fast - eager) < abs(constant - eager)
+    total = ckpt["step"]
+    assert float(ckpt["optimizer"]["param_groups"][0]["lr"]) == pytest.approx(
+        lr_at(total - 1, lr=1e-2, schedule="cosine", total_steps=total), abs=1e-9)

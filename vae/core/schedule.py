@@ -37,5 +37,14 @@ def lr_at(step: int, *, lr: float, schedule: str, total_steps: int) -> float:
     raise ValueError(f"unknown learning-rate schedule {schedule!r}")
 
 
+def lr_schedule(cfg) -> str:
+    return cfg.get("lr_schedule", "constant")  # a config saved before the setting existed: constant
+
+
+def lr_moves(cfg) -> bool:
+    """Whether the learning rate changes during the run (then it is logged, and a compiled step holds it in a tensor)."""
+    return lr_schedule(cfg) != "constant"
+
+
 def lr_for(cfg, step: int, total_steps: int) -> float:
-    return lr_at(step, lr=cfg.lr, schedule=cfg.get("lr_schedule", "constant"), total_steps=total_steps)
+    return lr_at(step, lr=cfg.lr, schedule=lr_schedule(cfg), total_steps=total_steps)

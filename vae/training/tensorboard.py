@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from vae.common.atomic import WriteFailed, is_write_failure, write_failed
 from vae.common.errors import UserError
+from vae.core.schedule import lr_moves
 
 # Settings that cannot change what a run learns or measures: where the files are, how fast it runs (device, compile,
 # threads, the numerics' plumbing), how often it logs, its pictures. Every other setting of the config is a column of
@@ -126,7 +127,7 @@ class TensorBoardLog:
             threading.excepthook = _quiet_writer_thread
         self.recon_x, self.prior_noise = recon_x, prior_noise  # fixed inputs: epochs compare picture to picture
         self.test_split, self.cfg = test_split, cfg
-        self.log_lr = cfg is not None and cfg.get("lr_schedule", "constant") != "constant"  # else it is `lr` itself
+        self.log_lr = cfg is not None and lr_moves(cfg)  # a constant lr is the `lr` setting itself
 
     def _writer_path(self) -> str:
         """The run directory as TensorBoard can name it. TensorBoard encodes a path as UTF-8 in some calls and in the

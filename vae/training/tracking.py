@@ -27,6 +27,7 @@ from omegaconf import DictConfig, OmegaConf
 from vae.common.atomic import atomic_write_text
 from vae.settings.config import estimator_name
 from vae.common.errors import UserError, describe
+from vae.core.schedule import lr_moves
 from vae.settings.usage import show
 
 log = logging.getLogger("train")
@@ -71,7 +72,7 @@ class MlflowTracker:
 
     def __init__(self, cfg: DictConfig, run_dir: Path):
         self.uri = tracking_uri(cfg.tracker.tracking_uri)
-        self.log_lr = cfg.get("lr_schedule", "constant") != "constant"  # a constant lr is the `lr` parameter itself
+        self.log_lr = lr_moves(cfg)  # a constant lr is the `lr` parameter itself
         if self.uri.startswith("file:"):
             # MLflow 3 keeps the file store in maintenance mode and refuses it unless asked; it is the store that
             # works with no server and no database, which is what an offline tracker needs.

@@ -24,7 +24,7 @@ from vae.training.engine import TrainStep, make_generators
 from vae.common.errors import TrainingDiverged, UserError, describe
 from vae.estimators import config_settings, estimator_class, make_estimator, takes_samples
 from vae.core.model import build_model
-from vae.core.schedule import lr_for, tau_for
+from vae.core.schedule import lr_for, lr_moves, tau_for
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class Trainer:
         if self.optimizer_factory is None:
             spec = OmegaConf.to_container(cfg.optimizer) if "optimizer" in cfg else None
             self.optimizer = make_optimizer(self.model, cfg.lr, self.device, self.cuda_graph, self.compile, spec,
-                                            lr_moves=cfg.get("lr_schedule", "constant") != "constant")
+                                            lr_moves=lr_moves(cfg))
         else:
             self.optimizer = self.optimizer_factory(self.model, cfg.lr, self.device, self.cuda_graph, self.compile)
         binarize_gen = gens["binarize"] if self.train_split.binarize == "dynamic" else None
