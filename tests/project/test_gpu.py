@@ -1,6 +1,7 @@
 """The CUDA paths across modules: train.py runs end to end on the GPU in every fast mode (compile, CUDA graphs), a
 resume with a new lr reaches the captured step, the conv model and RAdam compile and capture, and a cosine learning
-rate reaches the compiled and captured step. Skipped where no CUDA GPU is visible (`pytest -m gpu` selects only these and the GPU tests in the modules' own files)."""
+rate reaches the compiled and captured step. Skipped where no CUDA GPU is visible (`pytest -m gpu` selects only these
+and the GPU tests in the modules' own files)."""
 from __future__ import annotations
 
 import json
