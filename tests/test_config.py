@@ -38,6 +38,7 @@ BAD = [
     ("anneal_interval=0", "anneal_interval"), ("latent_dim=0", "latent_dim"), ("categorical_dim=1", "categorical_dim"),
     ("batch_size=0", "batch_size"), ("epochs=-1", "epochs"), ("lr=0", "lr"), ("lr=-0.1", "lr"),
     ("log_interval=0", "log_interval"), ("prior=gaussian", "prior"), ("device=tpu", "device"),
+    ("lr_schedule=linear", "lr_schedule"),
     ("data.binarize=sometimes", "data.binarize"), ("data.sources=[local,ftp]", "data.sources"),
     ("eval.iw_samples=-1", "eval.iw_samples"), ("eval.iw_chunk=0", "eval.iw_chunk"),
 ]
