@@ -135,9 +135,14 @@ class Trainer:
         if self._saved_optimizer is not None:
             load_optimizer_state_(self.optimizer, self._saved_optimizer)
         # The saved state carries the old lr (`resume=... lr=...` changes it); a schedule starts where the step is.
-        self.lr = lr_for(self.cfg, self.state.step, self.total_steps)
-        if self._saved_optimizer is not None or self.lr != self.cfg.lr:
-            set_lr_(self.optimizer, self.lr)
+        self._follow_lr_schedule(force=self._saved_optimizer is not None)
+
+    def _follow_lr_schedule(self, force: bool = False) -> None:
+        """Give the optimizer the learning rate of the current step, if it differs from the one it has (or `force`)."""
+        lr = lr_for(self.cfg, self.state.step, self.total_steps)
+        if force or lr != self.lr:  # with the constant schedule: only when forced (a resume)
+            self.lr = lr
+            set_lr_(self.optimizer, lr)
 
     def _build_step(self) -> None:
         """The step's warm-up (compile) or capture changes weights, Adam's state and the random streams, and puts
@@ -193,8 +198,7 @@ class Trainer:
         self.state.load_state_dict(ckpt)
         if self.optimizer is not None:
             load_optimizer_state_(self.optimizer, ckpt["optimizer"])
-            self.lr = lr_for(self.cfg, self.state.step, self.total_steps)
-            set_lr_(self.optimizer, self.lr)
+            self._follow_lr_schedule(force=True)
         self.estimator.load_state_dict(ckpt.get("estimator") or {})
         self.tau_t.fill_(self.state.tau)
         self._perm = None
@@ -214,10 +218,7 @@ class Trainer:
             if tau != s.tau:  # a fill only when the schedule moves (every anneal_interval steps)
                 s.tau = tau
                 self.tau_t.fill_(tau)
-            lr = lr_for(cfg, s.step, self.total_steps)
-            if lr != self.lr:  # never with the constant schedule
-                self.lr = lr
-                set_lr_(self.optimizer, lr)
+            self._follow_lr_schedule()
             log_now = (s.step + 1) % cfg.log_interval == 0
             stats, grad_norm = self.step_fn(self._perm[s.epoch_step * bs:(s.epoch_step + 1) * bs], self.tau_t,
                                             log_now)
